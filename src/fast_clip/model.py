@@ -1,0 +1,153 @@
+"""Model creation through open_clip, offline only.
+
+Everything goes through open_clip's factory so users get every open_clip architecture, but weights come only from a
+local file the user names (``--pretrained PATH``): nothing is downloaded. Person crops are tall (384x128 for ViT-B-16),
+so square model configs are re-sized, and position embeddings of a loaded checkpoint are interpolated to the new grid,
+also from non-square grids (open_clip's own helper assumes the old grid is square).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import open_clip
+
+_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+_REGISTERED = False
+
+# Person crops are about 3:1; 384x128 is the resolution the text-based person retrieval literature uses for ViT-B-16.
+PERSON_IMAGE_SIZE = (384, 128)
+
+
+class WeightsFileError(RuntimeError):
+    """A weights or checkpoint file that cannot be used; the message names the file and the reason."""
+
+
+def register_model_configs() -> None:
+    """Make the configs shipped in ``fast_clip/model_configs`` (e.g. ``PersonTiny``) visible to open_clip."""
+    global _REGISTERED
+    if not _REGISTERED:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _REGISTERED = True
+
+
+def list_models() -> list[str]:
+    register_model_configs()
+    return open_clip.list_models()
+
+
+def model_config(name: str) -> dict:
+    register_model_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"--model {name!r} is not a known open_clip model; known: {', '.join(list_models())}")
+    return cfg
+
+
+def default_image_size(name: str) -> tuple[int, int]:
+    """(height, width): a config's own non-square size, else the person-crop default 384x128."""
+    size = model_config(name)["vision_cfg"].get("image_size", 224)
+    if isinstance(size, (list, tuple)) and size[0] != size[1]:
+        return int(size[0]), int(size[1])
+    return PERSON_IMAGE_SIZE
+
+
+def get_tokenizer(name: str):
+    register_model_configs()
+    return open_clip.get_tokenizer(name)
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a model state dict from an open_clip checkpoint, one of our training checkpoints, an OpenAI-format state
+    dict, or a .safetensors file, with ``weights_only=True``: a file carrying pickled code is refused, never run."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise WeightsFileError(f"weights file {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise WeightsFileError(f"weights file {path!r} is empty (0 bytes)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return dict(load_file(path, device="cpu"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsFileError(
+            f"refusing to load {path!r}: it is not a plain tensor file (weights_only=True rejected it: "
+            f"{str(e).splitlines()[0]}). Only state dicts of tensors are accepted; a file that needs arbitrary "
+            f"unpickling can run code.") from e
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise WeightsFileError(f"cannot read weights file {path!r}: {str(e).splitlines()[0]}") from e
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsFileError(f"weights file {path!r} holds no state dict of tensors (found {type(obj).__name__})")
+    if next(iter(obj)).startswith("module."):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    # OpenAI-format state dicts carry these scalars, which are not parameters of open_clip's CLIP.
+    for k in ("input_resolution", "context_length", "vocab_size"):
+        obj.pop(k, None)
+    return obj
+
+
+def _resize_visual_pos_embed(state_dict: dict, model) -> None:
+    """Interpolate ``visual.positional_embedding`` (class token + HxW grid) to the model's grid, any aspect ratio."""
+    key = "visual.positional_embedding"
+    old = state_dict.get(key)
+    if old is None or not hasattr(model.visual, "grid_size"):
+        return
+    gh, gw = model.visual.grid_size if isinstance(model.visual.grid_size, (tuple, list)) else (model.visual.grid_size,) * 2
+    if old.shape[0] == gh * gw + 1:
+        return
+    n_old = old.shape[0] - 1
+    # A state dict does not store its grid's shape. Public CLIP weights are square; for our own non-square checkpoints
+    # take the factorisation whose aspect ratio is closest to the new grid's.
+    root = math.isqrt(n_old)
+    if root * root == n_old:
+        old_hw = (root, root)
+    else:
+        pairs = [(h, n_old // h) for h in range(1, n_old + 1) if n_old % h == 0]
+        old_hw = min(pairs, key=lambda hw: abs(math.log(hw[0] / hw[1]) - math.log(gh / gw)))
+    tok, grid = old[:1], old[1:]
+    grid = grid.reshape(1, old_hw[0], old_hw[1], -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(old.dtype)
+    logging.info("interpolated position embedding from %sx%s to %sx%s", *old_hw, gh, gw)
+    state_dict[key] = torch.cat([tok, grid], dim=0)
+
+
+def load_pretrained(model, path: str | os.PathLike) -> None:
+    sd = load_weights_file(path)
+    _resize_visual_pos_embed(sd, model)
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    from open_clip.model import resize_text_pos_embed
+    resize_text_pos_embed(sd, model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise WeightsFileError(
+            f"weights file {str(path)!r} does not match the model: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
+            f"Is --model the architecture this file was trained with?")
+
+
+def create_model(name: str, pretrained: str | None = None, image_size: tuple[int, int] | None = None,
+                 device: str | torch.device = "cpu"):
+    """Build an open_clip model at ``image_size`` (default: :func:`default_image_size`), from random init or from a
+    local weights file. Returns the model in fp32 on ``device`` (mixed precision comes from autocast)."""
+    register_model_configs()
+    model_config(name)  # validates the name with a clear message
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise WeightsFileError(
+            f"--pretrained {pretrained!r} is not a file. Nothing is downloaded: pass the path of a local weights file.")
+    size = tuple(image_size) if image_size else default_image_size(name)
+    model = open_clip.create_model(name, pretrained=None, force_image_size=size, device="cpu")
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model.to(device)

@@ -1,0 +1,467 @@
+"""Streaming webdataset input pipeline with an exact, resumable epoch plan.
+
+Why not webdataset's own pipeline: exact mid-epoch resume and "every rank yields the same number of batches" both need
+the sample order to be a pure function of (seed, epoch, rank, worker, batch index). So the epoch is planned up front:
+
+* **concat mode** (no ``--train-data-weights``): the shards of all sets, shuffled per epoch with ``(seed, epoch)``, form
+  one sequence of N pairs. Each rank gets ``n = N // (world * batch)`` batches; rank r owns the contiguous range
+  ``[r*n*b, (r+1)*n*b)`` and splits it into contiguous worker ranges of ``n//W`` or ``n//W + 1`` batches. Ranges are
+  disjoint, so no pair is seen twice in an epoch, and fewer than ``world * batch`` pairs are left out (drop-last).
+* **weighted mode**: every (rank, worker) reads its own slice of each set in endless passes and draws each sample's set
+  with probability proportional to its weight, from a seeded RNG.
+
+Within a worker a seeded shuffle buffer mixes samples; augmentation is seeded per batch. The DataLoader reads its
+workers round-robin, so batch j of a rank comes from worker j % W. To resume at batch k, every worker replays its
+stream and drops the batches it had produced, and the worker roles are rotated by k % W so that physical worker 0
+produces batch k next. Unusable samples (bad JPEG, bad UTF-8, missing json, ...) are counted by reason and replaced by
+the next sample of the stream, so every batch is full and all ranks stay in lock-step.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import posixpath
+import random
+import tarfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+try:
+    import fsspec
+except ImportError:  # pragma: no cover - fsspec is in the requirements
+    fsspec = None
+
+from braceexpand import braceexpand
+
+
+class DataError(RuntimeError):
+    """Unusable training data; the message names the shard set, file and problem."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shard discovery
+
+
+@dataclass
+class ShardSet:
+    spec: str
+    urls: list[str]
+    counts: list[int]
+    split_pairs: int           # pairs of the whole split (keys of this set are < split_pairs)
+    split_ids: int | None      # identities of the split, when a manifest says so
+    key_offset: int = 0
+    pid_offset: int = 0
+    index: int = 0
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(self.counts)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _open(path: str, mode: str = "rb"):
+    if _is_url(path):
+        return fsspec.open(path, mode).open()
+    return open(path, mode)
+
+
+def _exists(path: str) -> bool:
+    if _is_url(path):
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(p)
+    return os.path.exists(path)
+
+
+def expand_urls(spec: str) -> list[str]:
+    """A brace pattern, a glob, or a directory (all ``*.tar`` inside), local or fsspec URL."""
+    urls: list[str] = []
+    for part in braceexpand(spec):
+        if not _is_url(part) and os.path.isdir(part):
+            urls += sorted(glob.glob(os.path.join(part, "*.tar")))
+        elif _is_url(part):
+            fs, p = fsspec.core.url_to_fs(part)
+            if fs.isdir(p):
+                proto = part.split("://", 1)[0]
+                urls += sorted(f"{proto}://{x}" if not x.startswith(proto) else x
+                               for x in fs.glob(posixpath.join(p, "*.tar")))
+            else:
+                urls.append(part)
+        elif any(c in part for c in "*?["):
+            urls += sorted(glob.glob(part))
+        else:
+            urls.append(part)
+    return urls
+
+
+def _load_json(path: str) -> dict | None:
+    if not _exists(path):
+        return None
+    try:
+        with _open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_shard_set(spec: str, index: int = 0) -> ShardSet:
+    """Resolve a shard spec and read each shard's sample count from the ``sizes.json`` beside it."""
+    urls = expand_urls(spec)
+    if not urls:
+        raise DataError(f"--train-data set {spec!r} matches no shard")
+    missing = [u for u in urls if not _exists(u)]
+    if missing:
+        raise DataError(f"--train-data set {spec!r}: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")
+    counts, split_pairs, split_ids = [], 0, None
+    by_dir: dict[str, dict] = {}
+    for u in urls:
+        d = posixpath.dirname(u) if _is_url(u) else os.path.dirname(u)
+        if d not in by_dir:
+            sizes_path = posixpath.join(d, "sizes.json") if _is_url(u) else os.path.join(d, "sizes.json")
+            sizes = _load_json(sizes_path)
+            if sizes is None:
+                raise DataError(f"{sizes_path} is missing: the trainer needs the sample count of every shard "
+                                f"(data_prep/make_shards.py writes it)")
+            by_dir[d] = sizes
+            split_pairs += sum(int(v) for v in sizes.values())
+            parent = posixpath.dirname(d) if _is_url(u) else os.path.dirname(d)
+            split = posixpath.basename(d) if _is_url(u) else os.path.basename(d)
+            manifest = _load_json((posixpath if _is_url(u) else os.path).join(parent, "manifest.json"))
+            if manifest and split in manifest.get("splits", {}):
+                ids = manifest["splits"][split].get("identities")
+                split_ids = (split_ids or 0) + int(ids) if ids is not None else split_ids
+        name = posixpath.basename(u) if _is_url(u) else os.path.basename(u)
+        if name not in by_dir[d]:
+            raise DataError(f"shard {u} is not listed in the sizes.json beside it")
+        counts.append(int(by_dir[d][name]))
+    return ShardSet(spec=spec, urls=urls, counts=counts, split_pairs=split_pairs, split_ids=split_ids, index=index)
+
+
+def load_train_sets(train_data: str) -> list[ShardSet]:
+    """Each '::' set gets key and pid offsets so that the loss state (one entry per pair) covers all sets."""
+    sets, key_off, pid_off = [], 0, 0
+    for i, spec in enumerate(train_data.split("::")):
+        s = load_shard_set(spec.strip(), index=i)
+        s.key_offset, s.pid_offset = key_off, pid_off
+        key_off += s.split_pairs
+        # Person ids of different sets are different people; without a manifest, leave a wide gap.
+        pid_off += s.split_ids if s.split_ids is not None else 10_000_000
+        sets.append(s)
+    return sets
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Raw tar reading
+
+
+def iter_tar_samples(url: str, counter: Counter):
+    """Yield webdataset samples ({'__key__', 'jpg', 'txt', 'json', ...} of bytes) from one tar, streaming.
+
+    A truncated or unreadable tar ends its shard early; the loss is counted (``truncated_shard``), not raised, because
+    a single bad file must not kill a multi-day run (the samples it lacked are refilled from the stream)."""
+    current, cur_key = {}, None
+    try:
+        with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                prefix = member.name[: len(member.name) - len(base)]
+                key, ext = base.split(".", 1)
+                key = prefix + key
+                data = tar.extractfile(member).read()
+                if key != cur_key:
+                    if current:
+                        yield current
+                    current, cur_key = {"__key__": key, "__url__": url}, key
+                current[ext.lower()] = data
+        if current:
+            yield current
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counter["truncated_shard"] += 1
+        counter[f"truncated_shard:{os.path.basename(url)}"] += 1
+        _warn(f"shard {url} is truncated or unreadable ({type(e).__name__}: {e}); the rest of it is skipped")
+
+
+def _warn(msg: str) -> None:
+    import sys
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Epoch plan (pure functions, unit-tested)
+
+
+def _rng_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions (no hash())."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint64)[0]
+               & 0x7FFFFFFFFFFFFFFF)
+
+
+def batches_per_rank(num_samples: int, world: int, batch: int) -> int:
+    return num_samples // (world * batch)
+
+
+def worker_batches(n: int, workers: int, w: int) -> int:
+    """Batches of logical worker w when a rank's n batches are dealt round-robin."""
+    return n // workers + (1 if w < n % workers else 0)
+
+
+def worker_range(n: int, batch: int, rank: int, workers: int, w: int) -> tuple[int, int]:
+    """(first sample, sample count) of logical worker w of ``rank`` in the epoch sequence (concat mode)."""
+    before = w * (n // workers) + min(w, n % workers)
+    return (rank * n + before) * batch, worker_batches(n, workers, w) * batch
+
+
+def batches_done_by_worker(start_batch: int, workers: int, w: int) -> int:
+    """How many of a rank's first ``start_batch`` batches logical worker w produced (batch j is worker j % W's)."""
+    return max(0, (start_batch - w + workers - 1) // workers)
+
+
+def shard_order(sets: list[ShardSet], seed: int, epoch: int, shuffle: bool) -> list[tuple[ShardSet, str, int]]:
+    order = [(s, u, c) for s in sets for u, c in zip(s.urls, s.counts)]
+    if shuffle:
+        random.Random(_rng_seed(seed, epoch, 17)).shuffle(order)
+    return order
+
+
+def shuffle_buffer(items, size: int, rng: random.Random):
+    """Seeded reservoir shuffle: output depends only on the input order and the RNG seed."""
+    if size <= 1:
+        yield from items
+        return
+    buf = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = x
+    rng.shuffle(buf)
+    yield from buf
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int
+    workers: int
+    seed: int
+    shuffle_buffer: int = 2000
+    shard_shuffle: bool = True
+    weights: list[float] | None = None
+    num_samples: int | None = None   # per epoch, all ranks together
+    max_bad_frac: float = 0.2
+
+
+@dataclass
+class SampleDecoder:
+    """Raw sample -> (image tensor, caption, key, pid); raises _BadSample with a reason."""
+    transform: object
+    clean: object
+
+    def __call__(self, raw: dict, sset: ShardSet):
+        if "json" not in raw:
+            raise _BadSample("missing_json")
+        try:
+            meta = json.loads(raw["json"].decode("utf-8"))
+            key, pid = int(meta["key"]), int(meta["pid"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise _BadSample("bad_json")
+        if not 0 <= key < sset.split_pairs:
+            raise _BadSample("key_out_of_range")
+        if "txt" not in raw:
+            raise _BadSample("missing_caption")
+        try:
+            text = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadSample("caption_not_utf8")
+        text = self.clean(text)
+        if not text:
+            raise _BadSample("empty_caption")
+        img_bytes = raw.get("jpg") or raw.get("jpeg") or raw.get("png") or raw.get("webp")
+        if not img_bytes:
+            raise _BadSample("missing_image")
+        try:
+            with Image.open(io.BytesIO(img_bytes)) as im:
+                im = im.convert("RGB")
+        except Exception:  # PIL raises many types for corrupt data
+            raise _BadSample("bad_image")
+        return im, text, key + sset.key_offset, pid + sset.pid_offset
+
+
+class _BadSample(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Yields ready batches for one rank: dict(images, texts, keys, pids, sources, bad=Counter delta)."""
+
+    def __init__(self, sets: list[ShardSet], cfg: LoaderConfig, decoder: SampleDecoder, tokenizer,
+                 rank: int, world: int):
+        super().__init__()
+        self.sets, self.cfg, self.decoder, self.tokenizer = sets, cfg, decoder, tokenizer
+        self.rank, self.world = rank, world
+        self.total_pairs = sum(s.num_pairs for s in sets)
+        self.num_samples = cfg.num_samples or self.total_pairs
+        if cfg.weights is None and self.num_samples > self.total_pairs:
+            raise DataError(f"--train-num-samples {self.num_samples} exceeds the {self.total_pairs} pairs of "
+                            f"--train-data; give --train-data-weights to sample with replacement")
+        self.n = batches_per_rank(self.num_samples, world, cfg.batch_size)
+        if self.n < 1:
+            raise DataError(f"{self.num_samples} samples per epoch make no full batch of {cfg.batch_size} per rank "
+                            f"on {world} rank(s); lower --batch-size")
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def num_workers(self) -> int:
+        return max(1, self.cfg.workers)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    # -- raw streams ---------------------------------------------------------------------------------------------
+    def _concat_stream(self, w: int, counter: Counter, pass_idx: int):
+        start, length = worker_range(self.n, self.cfg.batch_size, self.rank, self.num_workers, w)
+        pos, end = 0, start + length
+        for sset, url, count in shard_order(self.sets, self.cfg.seed, self.epoch * 1000 + pass_idx,
+                                            self.cfg.shard_shuffle):
+            if pos + count <= start:
+                pos += count
+                continue
+            if pos >= end:
+                break
+            i = pos
+            for raw in iter_tar_samples(url, counter):
+                if i >= end:
+                    break
+                if i >= start:
+                    yield raw, sset
+                i += 1
+            pos += count
+
+    def _weighted_stream(self, w: int, counter: Counter):
+        slots = self.world * self.num_workers
+        slot = self.rank * self.num_workers + w
+        weights = np.asarray(self.cfg.weights, dtype=np.float64)
+        rng = random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, 29))
+
+        def endless(sset: ShardSet):
+            for p in range(1 << 30):
+                order = shard_order([sset], self.cfg.seed, (self.epoch * 1000 + p) * 64 + sset.index,
+                                    self.cfg.shard_shuffle)
+                n_s = sset.num_pairs
+                start, end = slot * n_s // slots, (slot + 1) * n_s // slots
+                pos, got = 0, 0
+                for _, url, count in order:
+                    if pos + count <= start or pos >= end:
+                        pos += count
+                        continue
+                    i = pos
+                    for raw in iter_tar_samples(url, counter):
+                        if i >= end:
+                            break
+                        if i >= start:
+                            got += 1
+                            yield raw, sset
+                        i += 1
+                    pos += count
+                if got == 0 and end > start:
+                    raise DataError(f"set {sset.spec!r} yields no readable sample")
+
+        streams = [endless(s) for s in self.sets]
+        cum = np.cumsum(weights / weights.sum())
+        while True:
+            i = int(np.searchsorted(cum, rng.random(), side="right"))
+            yield next(streams[min(i, len(streams) - 1)])
+
+    def _raw(self, w: int, counter: Counter):
+        if self.cfg.weights is not None:
+            yield from shuffle_buffer(self._weighted_stream(w, counter), self.cfg.shuffle_buffer,
+                                      random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, 31)))
+            return
+        # Concat mode: refills for unusable samples come from further passes over the same range (new shuffle).
+        for p in range(1 << 30):
+            got = 0
+            for item in shuffle_buffer(self._concat_stream(w, counter, p), self.cfg.shuffle_buffer,
+                                       random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, p, 31))):
+                got += 1
+                yield item
+            if got == 0:
+                raise DataError(f"rank {self.rank} worker {w}: its shard range yielded no sample in epoch "
+                                f"{self.epoch} (every shard unreadable?)")
+
+    # -- batches ---------------------------------------------------------------------------------------------------
+    def _batches(self, w: int):
+        """All batches of logical worker w for this epoch, as (batch_index, samples, bad Counter delta)."""
+        counter: Counter = Counter()
+        raw = self._raw(w, counter)
+        n_batches = worker_batches(self.n, self.num_workers, w)
+        b = self.cfg.batch_size
+        seen = bad = 0
+        for j in range(n_batches):
+            samples = []
+            while len(samples) < b:
+                item, sset = next(raw)
+                seen += 1
+                try:
+                    samples.append((*self.decoder(item, sset), sset.index))
+                except _BadSample as e:
+                    bad += 1
+                    counter[e.reason] += 1
+                    if bad > max(16, self.cfg.max_bad_frac * seen):
+                        raise DataError(
+                            f"rank {self.rank} worker {w}: {bad} of {seen} samples read are unusable "
+                            f"({dict(counter)}); last in {item.get('__url__')} key {item.get('__key__')}. "
+                            f"Check the shards with: python data_prep/make_shards.py verify OUTPUT")
+            delta = Counter(counter)
+            counter.clear()
+            yield j, samples, delta
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        W = self.num_workers
+        w = (physical + self.start_batch) % W
+        skip = batches_done_by_worker(self.start_batch, W, w)
+        for j, samples, delta in self._batches(w):
+            if j < skip:
+                continue
+            yield self._collate(samples, delta, w, j)
+
+    def _collate(self, samples, delta, w: int, j: int) -> dict:
+        # Augmentation is seeded per batch so that a resumed run draws the same flips and crops.
+        torch.manual_seed(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, j, 7))
+        images = torch.stack([self.decoder.transform(im) for im, *_ in samples])
+        texts = self.tokenizer([t for _, t, *_ in samples])
+        return {
+            "images": images,
+            "texts": texts,
+            "keys": torch.tensor([s[2] for s in samples], dtype=torch.long),
+            "pids": torch.tensor([s[3] for s in samples], dtype=torch.long),
+            "sources": torch.tensor([s[4] for s in samples], dtype=torch.long),
+            "bad": dict(delta),
+        }
+
+
+def build_train_loader(stream: TrainStream, pin_memory: bool) -> torch.utils.data.DataLoader:
+    W = stream.cfg.workers
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=W, pin_memory=pin_memory,
+        persistent_workers=False, prefetch_factor=4 if W > 0 else None)

@@ -1,0 +1,309 @@
+"""Entry point: parse -> build -> train -> close.
+
+    torchrun --nproc_per_node N src/training/main.py --train-data 'shards/synth/train' --model PersonTiny ...
+    python src/training/main.py ...            (one process, same code)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `training`, `fast_clip`, `evaluation` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+from training import checkpoint as ckpt_lib
+from training import distributed as dist_utils
+from training.data import DataError, LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets
+from training.logger import RunLogger
+from training.optim import build_optimizer
+from training.params import parse_args
+from training.train import NonFiniteError, TrainState, train_one_epoch, unwrap
+from training.transforms import build_transform, clean_caption
+
+
+class RunConfig:
+    """The few derived numbers the epoch loop needs (kept apart from the argparse namespace on purpose)."""
+
+    def __init__(self, args, batches_per_epoch: int):
+        self.batches_per_epoch = batches_per_epoch
+        # --max-steps stops early (a simulated pre-emption) without changing the schedule of the full run.
+        self.total_steps = batches_per_epoch * args.epochs
+        self.lr, self.warmup, self.lr_scheduler = args.lr, args.warmup, args.lr_scheduler
+        self.seed, self.precision, self.grad_clip_norm = args.seed, args.precision, args.grad_clip_norm
+        self.log_every, self.save_every, self.max_steps = args.log_every_n_steps, args.save_every_n_steps, args.max_steps
+        self.max_nonfinite_steps = args.max_nonfinite_steps
+
+
+def _settings(args) -> dict:
+    d = {k: v for k, v in vars(args).items() if k != "loss_config"}
+    from dataclasses import asdict
+    d["loss_config"] = asdict(args.loss_config)
+    return d
+
+
+def _prepare_run_dir(args) -> str:
+    if args.name is None:
+        args.name = time.strftime("run-%Y%m%d-%H%M%S")
+        args.name = dist_utils.broadcast_object(args.name)
+    run_dir = os.path.join(args.logs, args.name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if dist_utils.is_main():
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            probe = os.path.join(ckpt_dir, f".write_probe.{os.getpid()}")
+            with open(probe, "wb") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as e:
+            raise SystemExit(f"error: the log folder {ckpt_dir!r} is not writable ({e.strerror}); "
+                             f"choose another --logs or free space before training")
+    dist_utils.barrier()
+    return run_dir
+
+
+class Hooks:
+    """What the epoch loop calls back into: logging, checkpointing, key audit."""
+
+    def __init__(self, args, run_dir, logger: RunLogger, model, optimizer, loss_fn, stream):
+        self.args, self.run_dir, self.logger = args, run_dir, logger
+        self.model, self.optimizer, self.loss_fn, self.stream = model, optimizer, loss_fn, stream
+        self.ckpt_dir = os.path.join(run_dir, "checkpoints")
+        self._keys_file = None
+        if args.log_keys:
+            self._keys_file = open(os.path.join(run_dir, f"keys_rank{dist_utils.rank()}.jsonl"), "a")
+
+    def warn(self, msg: str) -> None:
+        self.logger.warning(msg)
+
+    def log(self, state: TrainState, values: dict) -> None:
+        self.logger.scalars(state.global_step, values)
+        if state.source_counts and len(self.stream.sets) > 1:
+            counts = {f"source_{k}": v for k, v in sorted(state.source_counts.items())}
+            self.logger.scalars(state.global_step, counts, prefix="data")
+        if state.bad_samples:
+            self.logger.scalars(state.global_step, {f"skipped_{k}": v for k, v in state.bad_samples.items()},
+                                prefix="data")
+        scalars = " ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
+        self.logger.info(f"epoch {state.epoch} step {state.global_step} "
+                         f"({state.batch_in_epoch}/{self.stream.n}) {scalars}")
+
+    def log_keys(self, state: TrainState, keys: torch.Tensor) -> None:
+        if self._keys_file is not None:
+            self._keys_file.write(json.dumps({"epoch": state.epoch, "batch": state.batch_in_epoch,
+                                              "step": state.global_step, "keys": keys.tolist()}) + "\n")
+            self._keys_file.flush()
+
+    def checkpoint(self, state: TrainState) -> dict:
+        return {
+            "state_dict": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaler; the slot keeps the format stable
+            "loss": self.loss_fn.state_dict(),
+            "train_state": state.to_dict(),
+            "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": self.args.seed,
+                     "world_size": dist_utils.world_size(), "workers": self.args.workers,
+                     "batch_size": self.args.batch_size, "train_data": self.args.train_data},
+            "rng": ckpt_lib.rng_state(),
+            "model_name": self.args.model,
+            "image_size": list(self.args.image_size),
+            "epoch": state.epoch,
+            "step": state.global_step,
+        }
+
+    def save(self, state: TrainState, epoch_file: int | None = None) -> None:
+        # Estimators of the global contrastive loss are identical on every rank, so rank 0's copy is the state.
+        per_rank = dist_utils.all_gather_object({"bad": dict(state.bad_samples),
+                                                 "sources": {str(k): v for k, v in state.source_counts.items()}})
+        if dist_utils.is_main():
+            obj = self.checkpoint(state)
+            obj["per_rank_counts"] = per_rank
+            ckpt_lib.save_latest(obj, self.ckpt_dir)
+            if epoch_file is not None:
+                ckpt_lib.atomic_save(obj, os.path.join(self.ckpt_dir, f"epoch_{epoch_file}.pt"))
+        dist_utils.barrier()
+
+    def close(self) -> None:
+        if self._keys_file is not None:
+            self._keys_file.close()
+
+
+def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState:
+    if args.resume is None:
+        return TrainState()
+    if args.resume == "latest":
+        found = ckpt_lib.load_latest(hooks.ckpt_dir, warn=logger.warning)
+        if found is None:
+            logger.info(f"--resume latest: no checkpoint in {hooks.ckpt_dir} yet, starting fresh")
+            return TrainState()
+        ckpt, path = found
+    else:
+        ckpt, path = ckpt_lib.load(args.resume), args.resume
+    unwrap(model).load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    loss_fn.load_state_dict(ckpt["loss"])
+    ckpt_lib.set_rng_state(ckpt["rng"])
+    state = TrainState.from_dict(ckpt["train_state"])
+    per_rank = ckpt.get("per_rank_counts") or []
+    if len(per_rank) == dist_utils.world_size():
+        from collections import Counter
+        mine = per_rank[dist_utils.rank()]
+        state.bad_samples = Counter(mine["bad"])
+        state.source_counts = Counter({int(k): v for k, v in mine["sources"].items()})
+    data = ckpt["data"]
+    same_plan = all(data.get(k) == v for k, v in (("seed", args.seed), ("world_size", dist_utils.world_size()),
+                                                  ("workers", args.workers), ("batch_size", args.batch_size),
+                                                  ("train_data", args.train_data)))
+    if not same_plan and state.batch_in_epoch:
+        logger.warning(f"{path} was written with another data plan ({data}); the order of the rest of epoch "
+                       f"{state.epoch} cannot be reproduced, so it restarts at its first batch")
+        state.batch_in_epoch = 0
+    logger.info(f"resumed from {path}: epoch {state.epoch}, batch {state.batch_in_epoch}, step {state.global_step}")
+    return state
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    denv = dist_utils.init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    try:
+        return _train(args, denv)
+    finally:
+        dist_utils.destroy_distributed()
+
+
+def _train(args, denv) -> int:
+    from fast_clip.losses import build_loss
+    from fast_clip.model import create_model, default_image_size, get_tokenizer
+
+    run_dir = _prepare_run_dir(args)
+    logger = RunLogger(run_dir, enabled=denv.is_main, tensorboard=args.report_to == "tensorboard")
+    args.image_size = tuple(args.image_size) if args.image_size else default_image_size(args.model)
+    if denv.is_main:
+        with open(os.path.join(run_dir, "params.json"), "w") as f:
+            json.dump(_settings(args), f, indent=2, default=str)
+    logger.info(f"run {run_dir} | world {denv.world_size} | device {denv.device} | model {args.model} "
+                f"{args.image_size[0]}x{args.image_size[1]} | loss {args.loss_config.name}")
+
+    try:
+        sets = load_train_sets(args.train_data)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    data_size = args.loss_config.data_size or sum(s.split_pairs for s in sets)
+    for s in sets:
+        logger.info(f"data set {s.index}: {s.spec} | {len(s.urls)} shards | {s.num_pairs} pairs | "
+                    f"keys {s.key_offset}..{s.key_offset + s.split_pairs - 1}")
+
+    model = create_model(args.model, pretrained=args.pretrained, image_size=args.image_size, device=denv.device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    loss_fn = build_loss(args.loss_config, data_size=data_size, device=denv.device)
+    init_scale = loss_fn.initial_logit_scale()
+    if init_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(init_scale)
+    model.logit_scale.requires_grad_(loss_fn.learns_model_temperature)
+    optimizer = build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+
+    tokenizer = get_tokenizer(args.model)
+    decoder = SampleDecoder(transform=build_transform(args.image_size, train=not args.no_augment),
+                            clean=clean_caption)
+    weights = [float(x) for x in args.train_data_weights.split("::")] if args.train_data_weights else None
+    stream = TrainStream(sets, LoaderConfig(batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+                                            shuffle_buffer=args.shuffle_buffer,
+                                            shard_shuffle=not args.no_shard_shuffle, weights=weights,
+                                            num_samples=args.train_num_samples,
+                                            max_bad_frac=args.max_bad_samples_frac),
+                         decoder, tokenizer, denv.rank, denv.world_size)
+    hooks = Hooks(args, run_dir, logger, model, optimizer, loss_fn, stream)
+    state = _resume(args, hooks, model, optimizer, loss_fn, logger)
+
+    train_model = model
+    if denv.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[denv.device.index] if denv.device.type == "cuda" else None)
+    if args.torchcompile:
+        train_model = torch.compile(train_model)
+    cfg = RunConfig(args, stream.n)
+    logger.info(f"{stream.n} batches of {args.batch_size} per rank per epoch "
+                f"(global batch {args.batch_size * denv.world_size}); {cfg.total_steps} steps in all")
+
+    hooks.model = model
+    status = "finished"
+    try:
+        while state.epoch < args.epochs:
+            loss_fn.set_epoch(state.epoch)
+            stream.set_epoch(state.epoch, state.batch_in_epoch)
+            loader = build_train_loader(stream, pin_memory=denv.device.type == "cuda")
+            go_on = train_one_epoch(train_model, loss_fn, optimizer, loader, state, cfg, hooks)
+            if not go_on:
+                hooks.save(state)
+                status = "stopped at --max-steps"
+                break
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            hooks.save(state, epoch_file=state.epoch)
+            logger.info(f"epoch {state.epoch} done; checkpoint epoch_{state.epoch}.pt")
+            if args.val_frequency and state.epoch % args.val_frequency == 0:
+                _validate(args, model, tokenizer, state, logger)
+    except NonFiniteError as e:
+        logger.warning(str(e))
+        status = "stopped: non-finite"
+        _write_summary(run_dir, state, status, denv)
+        hooks.close()
+        logger.close()
+        return 3
+    except DataError as e:
+        logger.warning(str(e))
+        _write_summary(run_dir, state, "stopped: data error", denv)
+        hooks.close()
+        logger.close()
+        raise SystemExit(f"error: {e}")
+    _write_summary(run_dir, state, status, denv)
+    hooks.close()
+    logger.close()
+    return 0
+
+
+def _validate(args, model, tokenizer, state, logger) -> None:
+    if not dist_utils.is_main():
+        dist_utils.barrier()
+        return
+    from evaluation.evaluate import evaluate_model
+    from training.data import expand_urls
+    results = evaluate_model(unwrap(model), tokenizer, build_transform(args.image_size, train=False),
+                             {"val": expand_urls(args.val_data)}, dist_utils.env().device)
+    for name, metrics in results.items():
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        logger.scalars(state.global_step, scalars, prefix=f"val_{name}")
+        logger.info(f"val {name} epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+    dist_utils.barrier()
+
+
+def _write_summary(run_dir, state: TrainState, status: str, denv) -> None:
+    """Bad-sample and per-source counts summed over ranks, in summary.json beside the logs."""
+    per_rank = dist_utils.all_gather_object({"bad": dict(state.bad_samples), "sources": dict(state.source_counts)})
+    if not denv.is_main:
+        return
+    bad, sources = {}, {}
+    for r in per_rank:
+        for k, v in r["bad"].items():
+            bad[k] = bad.get(k, 0) + v
+        for k, v in r["sources"].items():
+            sources[str(k)] = sources.get(str(k), 0) + v
+    summary = {"status": status, **state.to_dict(), "bad_samples": bad, "source_counts": sources}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({"status": status, "steps": state.global_step, "skipped_samples": bad,
+                      "nonfinite_steps": state.nonfinite_total}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""AdamW parameter groups and the learning-rate schedule (pure functions of the step)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    # Gains, biases, embeddings of scalars and the temperature are not regularised (as in CLIP / open_clip).
+    return p.ndim < 2 or "bias" in name or ".ln" in name or name.startswith("ln") or "logit_scale" in name
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, wd: float, betas=(0.9, 0.98), eps: float = 1e-6,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """Three groups: 'decay', 'no_decay' and 'temperature' (the logit scale, so a loss can give it its own lr)."""
+    decay, no_decay, temperature = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "logit_scale" in name:
+            temperature.append(p)
+        elif _no_decay(name, p):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": wd, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": temperature, "weight_decay": 0.0, "name": "temperature"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total_steps: int, kind: str = "cosine") -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup`` steps, then cosine to 0 at ``total_steps`` (or constant)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if kind == "const":
+        return base_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * base_lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, temperature_lr: float | None = None) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = temperature_lr if (g.get("name") == "temperature" and temperature_lr is not None) else lr

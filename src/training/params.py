@@ -1,0 +1,128 @@
+"""Command-line flags of the trainer.
+
+Names follow open_clip's trainer (``--train-data``, ``--batch-size``, ``--lr``, ``--local-loss`` ...) and FastCLIP's loss
+flags (``--gamma``, ``--temperature_scheme`` ... added by ``fast_clip.losses.add_loss_args``) so users' commands carry
+over. Everything is validated in :func:`parse_args` before any work starts; an error names the flag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _image_size(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="src/training/main.py",
+        description="Streaming CLIP / FastCLIP trainer for text-based person retrieval (run with python or torchrun).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train-data", required=True,
+                   help="Shard set(s): brace pattern, directory of .tar files, or several joined with '::'.")
+    d.add_argument("--train-data-weights", default=None,
+                   help="Sampling weights per '::' set, e.g. '1::3'. Given: sets are mixed by weighted sampling "
+                        "(with replacement, per-source counts logged). Not given: sets are concatenated and every "
+                        "pair is seen once per epoch.")
+    d.add_argument("--train-num-samples", type=int, default=None,
+                   help="Samples per epoch; default: the number of pairs read from sizes.json / manifest.json.")
+    d.add_argument("--val-data", default=None, help="Shards evaluated every --val-frequency epochs (retrieval R@k).")
+    d.add_argument("--val-frequency", type=int, default=0, help="Evaluate on --val-data every N epochs (0: never).")
+    d.add_argument("--workers", type=int, default=2, help="Data loader processes per rank.")
+    d.add_argument("--shuffle-buffer", type=int, default=2000, help="Sample shuffle buffer per worker (1: off).")
+    d.add_argument("--no-shard-shuffle", action="store_true", help="Read shards in order (debugging).")
+    d.add_argument("--no-augment", action="store_true", help="Disable flip / pad-crop / random erasing.")
+    d.add_argument("--max-bad-samples-frac", type=float, default=0.2,
+                   help="Stop with an error when more than this share of the samples read in an epoch is unusable.")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="ViT-B-16", help="Any open_clip model name, or PersonTiny for CPU runs.")
+    m.add_argument("--pretrained", default=None, help="Local weights file (open_clip or OpenAI format). Nothing is downloaded.")
+    m.add_argument("--image-size", type=_image_size, nargs=2, default=None, metavar=("H", "W"),
+                   help="Input size; default 384 128 for square configs, else the config's own size.")
+    m.add_argument("--grad-checkpointing", action="store_true")
+    m.add_argument("--torchcompile", action="store_true")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=64, help="Per-rank batch size.")
+    o.add_argument("--epochs", type=int, default=10)
+    o.add_argument("--lr", type=float, default=5e-4)
+    o.add_argument("--wd", type=float, default=0.2)
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.98)
+    o.add_argument("--eps", type=float, default=1e-6)
+    o.add_argument("--warmup", type=int, default=100, help="Warm-up steps.")
+    o.add_argument("--lr-scheduler", choices=["cosine", "const"], default="cosine")
+    o.add_argument("--grad-clip-norm", type=float, default=None)
+    o.add_argument("--precision", choices=["amp_bf16", "fp32"], default="amp_bf16",
+                   help="amp_bf16 autocasts on CUDA; on CPU it falls back to fp32 (CPU bf16 autocast is slow).")
+    o.add_argument("--local-loss", action="store_true",
+                   help="Each rank scores its own pairs against all gathered features (gradient through the gather).")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimizer steps; the lr schedule still spans --epochs (simulates a pre-emption).")
+    o.add_argument("--max-nonfinite-steps", type=int, default=5,
+                   help="Consecutive non-finite losses/gradients tolerated (each step skipped) before stopping.")
+
+    c = p.add_argument_group("checkpoints and logs")
+    c.add_argument("--logs", default="./logs", help="Root folder of runs.")
+    c.add_argument("--name", default=None, help="Run name (folder under --logs); default: a timestamped name.")
+    c.add_argument("--resume", default=None, help="'latest' or a checkpoint path.")
+    c.add_argument("--save-every-n-steps", type=int, default=0, help="Also save latest.pt every N steps (0: epoch ends only).")
+    c.add_argument("--keep-epoch-checkpoints", action="store_true", default=True)
+    c.add_argument("--report-to", default="", help="'tensorboard' to write event files.")
+    c.add_argument("--log-every-n-steps", type=int, default=10)
+    c.add_argument("--log-keys", action="store_true",
+                   help="Write the pair keys of every batch to logs/NAME/keys_rankR.jsonl (audits sample order).")
+    c.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+
+    from fast_clip.losses import add_loss_args
+    add_loss_args(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def fail(flag: str, msg: str):
+        parser.error(f"{flag}: {msg}")
+
+    if args.batch_size < 1:
+        fail("--batch-size", f"must be >= 1, got {args.batch_size}")
+    if args.epochs < 1:
+        fail("--epochs", f"must be >= 1, got {args.epochs}")
+    if args.workers < 0:
+        fail("--workers", "must be >= 0")
+    if args.lr <= 0:
+        fail("--lr", "must be > 0")
+    if args.warmup < 0:
+        fail("--warmup", "must be >= 0")
+    if args.shuffle_buffer < 1:
+        fail("--shuffle-buffer", "must be >= 1")
+    if args.val_frequency and not args.val_data:
+        fail("--val-frequency", "needs --val-data")
+    if args.train_data_weights is not None:
+        sets = args.train_data.split("::")
+        try:
+            w = [float(x) for x in args.train_data_weights.split("::")]
+        except ValueError:
+            fail("--train-data-weights", f"expected numbers joined with '::', got {args.train_data_weights!r}")
+        if len(w) != len(sets):
+            fail("--train-data-weights", f"{len(w)} weights for {len(sets)} '::'-separated --train-data sets")
+        if any(x < 0 for x in w) or sum(w) <= 0:
+            fail("--train-data-weights", "weights must be >= 0 with a positive sum")
+    if args.report_to not in ("", "tensorboard", "none"):
+        fail("--report-to", f"accepted values: tensorboard, none; got {args.report_to!r}")
+    if args.pretrained is not None and not os.path.isfile(args.pretrained):
+        fail("--pretrained", f"{args.pretrained!r} is not a file (nothing is downloaded; pass a local weights file)")
+    from fast_clip.losses import LossConfig
+    try:
+        args.loss_config = LossConfig.from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args

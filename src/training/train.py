@@ -1,0 +1,135 @@
+"""One optimizer step and one epoch. The math of the losses lives in fast_clip; this file only orchestrates."""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from training import distributed as dist_utils
+from training.optim import lr_at, set_lr
+
+# open_clip clamps the learned logit scale at ln(100) (temperature >= 0.01) to keep the softmax stable.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0            # epoch in progress (0-based)
+    batch_in_epoch: int = 0   # batches of that epoch already consumed
+    global_step: int = 0      # optimizer steps taken (skipped non-finite steps count too: the data moved on)
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    bad_samples: Counter = field(default_factory=Counter)
+    source_counts: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
+                "bad_samples": dict(self.bad_samples), "source_counts": {str(k): v for k, v in self.source_counts.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(epoch=d["epoch"], batch_in_epoch=d["batch_in_epoch"], global_step=d["global_step"],
+                   nonfinite_in_a_row=d.get("nonfinite_in_a_row", 0), nonfinite_total=d.get("nonfinite_total", 0),
+                   bad_samples=Counter(d.get("bad_samples", {})),
+                   source_counts=Counter({int(k): v for k, v in d.get("source_counts", {}).items()}))
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "amp_bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def train_step(model, loss_fn, optimizer, batch: dict, device: torch.device, precision: str = "fp32",
+               grad_clip_norm: float | None = None) -> dict:
+    """Forward, loss, backward, optimizer step. Returns scalars; ``skipped`` is True when the loss or the gradient was
+    not finite (then no parameter changes). Gradients are all-reduced by DDP, so every rank takes the same decision."""
+    images = batch["images"].to(device, non_blocking=True)
+    texts = batch["texts"].to(device, non_blocking=True)
+    keys = batch["keys"].to(device, non_blocking=True)
+    with autocast_for(device, precision):
+        image_features, text_features, logit_scale = model(images, texts)
+    loss, metrics = loss_fn(image_features.float(), text_features.float(), logit_scale.float(), keys)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm else float("inf"))
+    loss_value, grad_norm_value = float(loss.detach()), float(grad_norm)
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "grad_norm": grad_norm_value, "skipped": True, **metrics}
+    optimizer.step()
+    scale = unwrap(model).logit_scale
+    if scale.requires_grad:
+        with torch.no_grad():
+            scale.clamp_(0, MAX_LOGIT_SCALE)
+    return {"loss": loss_value, "grad_norm": grad_norm_value, "skipped": False,
+            "logit_scale": float(scale.detach().exp()), **metrics}
+
+
+def train_one_epoch(model, loss_fn, optimizer, loader, state: TrainState, cfg, hooks) -> bool:
+    """Consume the rest of the epoch ``state.epoch``. ``hooks`` provides log(step, values), save(state),
+    log_keys(state, keys) and stop_requested(). Returns False when training must stop (max steps)."""
+    device = dist_utils.env().device
+    total_steps = cfg.total_steps
+    model.train()
+    t_data = time.perf_counter()
+    window = {"data": 0.0, "step": 0.0, "samples": 0}
+    for batch in loader:
+        if state.batch_in_epoch >= cfg.batches_per_epoch:
+            break
+        data_time = time.perf_counter() - t_data
+        lr = lr_at(state.global_step, cfg.lr, cfg.warmup, total_steps, cfg.lr_scheduler)
+        tau_now = 1.0 / float(unwrap(model).logit_scale.detach().exp())
+        set_lr(optimizer, lr, loss_fn.temperature_lr(lr, tau_now))
+        # Per-step seeding keeps dropout and any other main-process randomness identical after a resume.
+        torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 101 + dist_utils.rank())
+        t0 = time.perf_counter()
+        out = train_step(model, loss_fn, optimizer, batch, device, cfg.precision, cfg.grad_clip_norm)
+        step_time = time.perf_counter() - t0
+        hooks.log_keys(state, batch["keys"])
+        state.bad_samples.update(batch.get("bad", {}))
+        state.source_counts.update(batch["sources"].tolist())
+        state.global_step += 1
+        state.batch_in_epoch += 1
+        if out["skipped"]:
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_total += 1
+            hooks.warn(f"step {state.global_step}: non-finite loss ({out['loss']}) or gradient norm "
+                       f"({out['grad_norm']}); step skipped ({state.nonfinite_in_a_row} in a row)")
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                hooks.save(state)
+                raise NonFiniteError(
+                    f"{state.nonfinite_in_a_row} consecutive non-finite steps (last loss {out['loss']}); stopping. "
+                    f"The last good state is in the checkpoint folder; lower --lr or use --grad-clip-norm.")
+        else:
+            state.nonfinite_in_a_row = 0
+        window["data"] += data_time
+        window["step"] += step_time
+        window["samples"] += batch["images"].shape[0] * dist_utils.world_size()
+        if state.global_step % cfg.log_every == 0 or state.batch_in_epoch == cfg.batches_per_epoch:
+            elapsed = window["data"] + window["step"]
+            hooks.log(state, {**{k: v for k, v in out.items() if k != "skipped"}, "lr": lr,
+                              "samples_per_s": window["samples"] / max(elapsed, 1e-9),
+                              "data_time_share": window["data"] / max(elapsed, 1e-9),
+                              "skipped_steps": state.nonfinite_total})
+            window = {"data": 0.0, "step": 0.0, "samples": 0}
+        if cfg.save_every and state.global_step % cfg.save_every == 0 and state.batch_in_epoch < cfg.batches_per_epoch:
+            hooks.save(state)
+        if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
+            return False
+        t_data = time.perf_counter()
+    return True
