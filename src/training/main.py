@@ -190,7 +190,7 @@ def _train(args, denv) -> int:
         with open(os.path.join(run_dir, "params.json"), "w") as f:
             json.dump(_settings(args), f, indent=2, default=str)
     logger.info(f"run {run_dir} | world {denv.world_size} | device {denv.device} | model {args.model} "
-                f"{args.image_size[0]}x{args.image_size[1]} | loss {args.loss_config.name}")
+                f"{args.image_size[0]}x{args.image_size[1]} | loss {args.loss_config.loss}")
 
     try:
         sets = load_train_sets(args.train_data)

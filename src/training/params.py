@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Consecutive non-finite losses/gradients tolerated (each step skipped) before stopping.")
 
     c = p.add_argument_group("checkpoints and logs")
-    c.add_argument("--logs", default="./logs", help="Root folder of runs.")
+    # --logs (open_clip's name) is an ambiguous abbreviation of torchrun's own --logs-specs, and torchrun rejects it
+    # before the script sees it; --logs-dir works under both python and torchrun.
+    c.add_argument("--logs-dir", "--logs", dest="logs", default="./logs",
+                   help="Root folder of runs (use --logs-dir under torchrun).")
     c.add_argument("--name", default=None, help="Run name (folder under --logs); default: a timestamped name.")
     c.add_argument("--resume", default=None, help="'latest' or a checkpoint path.")
     c.add_argument("--save-every-n-steps", type=int, default=0, help="Also save latest.pt every N steps (0: epoch ends only).")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Launch src/training/main.py under torchrun with the per-process batch computed from the effective (global) batch.
+#
+#   EFFECTIVE_BATCH_SIZE=512 bash scripts/train.sh --train-data shards/synth/train --model ViT-B-16 ...
+#
+# Environment: EFFECTIVE_BATCH_SIZE (required), NPROC (processes per node; default: the number of CUDA_VISIBLE_DEVICES,
+# else the GPUs nvidia-smi lists, else 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500;
+# single-node runs without it pick a free port), MAX_RESTARTS (0: torchrun restarts the job this often, and the
+# trainer resumes from latest.pt when --resume latest is passed), DRY_RUN=1 prints the command instead of running it.
+# Every other argument is passed to the trainer unchanged; --batch-size is computed here and may not be given.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -n "${PYTHON:-}" ]; then py="$PYTHON"; elif [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
+
+die() { echo "train.sh: error: $*" >&2; exit 2; }
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+[ -n "${EFFECTIVE_BATCH_SIZE:-}" ] || die "set EFFECTIVE_BATCH_SIZE, the global batch summed over all processes and nodes"
+is_int "$EFFECTIVE_BATCH_SIZE" || die "EFFECTIVE_BATCH_SIZE='$EFFECTIVE_BATCH_SIZE' is not a whole number"
+args=()
+for a in "$@"; do
+  case "$a" in
+    --batch-size|--batch-size=*) die "do not pass --batch-size: it is EFFECTIVE_BATCH_SIZE / processes";;
+    # torchrun would reject --logs as an abbreviation of its own --logs-specs.
+    --logs) args+=(--logs-dir);;
+    --logs=*) args+=("--logs-dir=${a#--logs=}");;
+    *) args+=("$a");;
+  esac
+done
+
+if [ -n "${NPROC:-}" ]; then
+  nproc="$NPROC"
+elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  IFS=',' read -r -a devs <<< "$CUDA_VISIBLE_DEVICES"
+  nproc="${#devs[@]}"
+elif command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
+  nproc="$(nvidia-smi -L | grep -c '^GPU')"
+else
+  nproc=1
+fi
+nnodes="${NNODES:-1}"; node_rank="${NODE_RANK:-0}"
+is_int "$nproc" && [ "$nproc" -ge 1 ] || die "NPROC='$nproc' must be a whole number >= 1"
+is_int "$nnodes" && [ "$nnodes" -ge 1 ] || die "NNODES='$nnodes' must be a whole number >= 1"
+is_int "$node_rank" && [ "$node_rank" -lt "$nnodes" ] || die "NODE_RANK='$node_rank' must be in 0..$((nnodes - 1))"
+world=$((nproc * nnodes))
+per=$((EFFECTIVE_BATCH_SIZE / world))
+[ "$per" -ge 1 ] || die "EFFECTIVE_BATCH_SIZE=$EFFECTIVE_BATCH_SIZE is below 1 per process for $world processes ($nproc per node x $nnodes nodes)"
+[ $((per * world)) -eq "$EFFECTIVE_BATCH_SIZE" ] || die "EFFECTIVE_BATCH_SIZE=$EFFECTIVE_BATCH_SIZE does not divide over $world processes ($nproc per node x $nnodes nodes); use a multiple of $world"
+
+launch=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" --max-restarts "${MAX_RESTARTS:-0}")
+if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_PORT:-}" ]; then
+  launch+=(--standalone)
+else
+  launch+=(--node_rank "$node_rank" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+fi
+cmd=("${launch[@]}" "$root/src/training/main.py" --batch-size "$per" ${args[@]+"${args[@]}"})
+echo "train.sh: $world process(es) x batch $per = effective batch $EFFECTIVE_BATCH_SIZE" >&2
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+exec "${cmd[@]}"

@@ -1,0 +1,46 @@
+"""Run under torchrun (or plain python): two optimizer steps of the real trainer step on a fixed global batch, each
+rank taking its slice, and rank 0 saving the parameters and the loss state. The test compares 1 and 2 processes."""
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parents[1])]
+
+import torch
+
+from fast_clip.losses import build_loss
+from fast_clip.model import create_model, get_tokenizer
+from training import distributed as du
+from training.optim import build_optimizer, set_lr
+from training.params import parse_args
+from training.train import train_step
+
+out_path, loss_name = sys.argv[1], sys.argv[2]
+B, STEPS = 8, 2
+args = parse_args(["--train-data", "unused", "--model", "PersonTiny", "--loss", loss_name, "--local-loss",
+                   "--data_size", "32"] + sys.argv[3:])
+env = du.init_distributed("cpu")
+torch.manual_seed(0)
+model = create_model("PersonTiny")
+loss_fn = build_loss(args.loss_config, data_size=32, device=env.device)
+if loss_fn.initial_logit_scale() is not None:
+    with torch.no_grad():
+        model.logit_scale.fill_(loss_fn.initial_logit_scale())
+model.logit_scale.requires_grad_(loss_fn.learns_model_temperature)
+loss_fn.set_epoch(1)  # past epoch 0 so that the estimators' moving average (gamma < 1) is exercised
+opt = build_optimizer(model, lr=1e-3, wd=0.1)
+ddp = torch.nn.parallel.DistributedDataParallel(model) if env.distributed else model
+tok = get_tokenizer("PersonTiny")
+colours = ["red", "blue", "green", "black", "white", "pink", "grey", "yellow"]
+for step in range(STEPS):
+    g = torch.Generator().manual_seed(100 + step)
+    images = torch.randn(B, 3, 64, 32, generator=g)
+    texts = tok([f"a person in a {colours[(i + step) % 8]} coat and {colours[(3 * i) % 8]} shoes" for i in range(B)])
+    keys = torch.randperm(32, generator=g)[:B]
+    lo, hi = env.rank * B // env.world_size, (env.rank + 1) * B // env.world_size
+    batch = {"images": images[lo:hi], "texts": texts[lo:hi], "keys": keys[lo:hi]}
+    set_lr(opt, 1e-3, loss_fn.temperature_lr(1e-3, float(1 / model.logit_scale.exp())))
+    out = train_step(ddp, loss_fn, opt, batch, env.device)
+    assert not out["skipped"], out
+if env.is_main:
+    torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict()}, out_path)
+du.destroy_distributed()
