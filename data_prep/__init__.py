@@ -1,0 +1,6 @@
+"""Data preparation: turns person-retrieval annotations (or a procedural generator) into webdataset shards.
+
+See docs/DATA.md for the shard format, which is the contract between this package, src/training and
+src/evaluation.
+"""
+FORMAT_VERSION = 1

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Pack person-retrieval data into webdataset shards (format: docs/DATA.md).
+
+    python data_prep/make_shards.py SOURCE --output OUT [options]
+    python data_prep/make_shards.py verify OUT
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Run as a script from anywhere: make `import data_prep.x` resolve to this checkout.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from data_prep.fsio import get_fs  # noqa: E402
+from data_prep.images import FileImageLoader  # noqa: E402
+from data_prep.readers import READERS  # noqa: E402
+from data_prep.records import Drops, PrepError  # noqa: E402
+
+DATASET_HELP = {
+    "cuhkpedes": "CUHK-PEDES reid_raw.json: [{split, captions, file_path, id, processed_tokens?}]",
+    "icfgpedes": "ICFG-PEDES (same schema as CUHK-PEDES; train/test only)",
+    "rstpreid": "RSTPReid data_captions.json: [{id, img_path, captions, split}]",
+    "tbps": "one JSON list per split [{file_path, id, captions, captions_bt?}]: --annotations train.json "
+            "--annotations test.json ..., or --annotations DIR holding train.json/val.json/test.json",
+    "generated": "text-to-image output: [{id, image_path, caption}], one caption per record",
+    "csv": "ZeroVL-style table with columns image, image_id, caption, caption_id (one row per caption)",
+}
+
+
+def _positive(v):
+    n = int(float(v))
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
+def _frac(v):
+    f = float(v)
+    if not 0 <= f < 1:
+        raise argparse.ArgumentTypeError("must be in [0, 1)")
+    return f
+
+
+def _common(p):
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", required=True, help="output directory or fsspec URL (memory://, s3://...)")
+    g.add_argument("--maxcount", type=_positive, default=1000, help="samples per shard (default 1000)")
+    g.add_argument("--maxsize", type=_positive, default=int(1e9), help="max bytes per shard (default 1e9)")
+    g.add_argument("--workers", type=int, default=1, help="processes for image loading/generation; the output "
+                   "does not depend on it (default 1)")
+    g.add_argument("--overwrite", action="store_true", help="rewrite every shard even if an identical one exists")
+    g.add_argument("--strict", action="store_true", help="fail on the first bad record instead of dropping it")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="make_shards.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    p = sub.add_parser("synthetic", help="procedural pedestrians with identities and captions")
+    p.add_argument("--num-ids", type=_positive, default=1000, help="identities (default 1000)")
+    p.add_argument("--images-per-id", type=_positive, default=4, help="images per identity (default 4)")
+    p.add_argument("--captions-per-image", type=_positive, default=2, help="captions per image (default 2)")
+    p.add_argument("--height", type=_positive, default=256, help="image height (default 256)")
+    p.add_argument("--width", type=_positive, default=128, help="image width (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="everything derives from it (default 0)")
+    p.add_argument("--val-frac", type=_frac, default=0.1, help="fraction of identities in val (default 0.1)")
+    p.add_argument("--test-frac", type=_frac, default=0.1, help="fraction of identities in test (default 0.1)")
+    _common(p)
+
+    for name, desc in DATASET_HELP.items():
+        p = sub.add_parser(name, help=desc, description=desc)
+        if name == "tbps":
+            p.add_argument("--annotations", required=True, action="append",
+                           help="train.json/val.json/test.json (repeat) or a directory holding them")
+        else:
+            p.add_argument("--annotations", required=True, help="annotation file (path or fsspec URL)")
+        p.add_argument("--images", required=True, help="image root the annotation paths are relative to")
+        if name in ("generated", "csv"):
+            p.add_argument("--split", default="train", help="split to write (the file has none; default train)")
+        if name == "csv":
+            p.add_argument("--id-column", default="image_id",
+                           help="column holding the identity (default image_id: every image its own identity)")
+            p.add_argument("--sep", default=None, help="column separator (default ',' or tab for .tsv)")
+        _common(p)
+
+    p = sub.add_parser("verify", help="check shards against manifest.json and print statistics")
+    p.add_argument("output", help="output directory or URL written by make_shards.py")
+    p.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
+    return ap
+
+
+def run(args, command) -> int:
+    from data_prep.writer import summary, write_dataset
+
+    drops = Drops(strict=args.strict)
+    if args.source == "synthetic":
+        from data_prep.synthetic import SyntheticRenderer, synthetic_entries
+
+        if args.val_frac + args.test_frac >= 1:
+            raise PrepError("--val-frac + --test-frac must be < 1")
+        entries = synthetic_entries(args.num_ids, args.images_per_id, args.seed, args.val_frac, args.test_frac)
+        loader = SyntheticRenderer(args.seed, args.height, args.width, args.captions_per_image)
+    else:
+        kw = {k: getattr(args, k) for k in ("split", "id_column", "sep") if hasattr(args, k)}
+        entries = READERS[args.source](args.annotations, drops, **kw)
+        fs, root = get_fs(args.images)
+        loader = FileImageLoader(fs, root)
+    if not entries:
+        raise PrepError(f"{getattr(args, 'annotations', args.source)}: no usable records "
+                        f"(dropped: {drops.as_dict()})")
+    opts = {k: v for k, v in vars(args).items()}
+    progress = not args.no_progress and sys.stderr.isatty()
+    manifest = write_dataset(args.output, entries, loader, drops, opts, command, progress)
+    print(summary(manifest))
+    return 0
+
+
+def main(argv=None) -> int:
+    command = list(sys.argv) if argv is None else ["data_prep/make_shards.py", *argv]
+    args = build_parser().parse_args(argv)
+    try:
+        if args.source == "verify":
+            from data_prep.verify import verify
+
+            problems, report = verify(args.output, decode=not args.no_decode)
+            print(report)
+            if problems:
+                print(f"FAILED: {len(problems)} problem(s)", file=sys.stderr)
+                for p in problems:
+                    print(f"  - {p}", file=sys.stderr)
+                return 1
+            print("OK")
+            return 0
+        return run(args, command)
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

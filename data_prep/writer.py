@@ -1,0 +1,229 @@
+"""Deterministic shard writer: entries -> (image, caption) samples -> tar shards, sizes.json, manifest.json.
+
+Byte-identical output for the same input: samples are ordered by (person id, image path, caption index), tar
+headers carry fixed metadata, JSON is dumped with sorted keys, and worker results are consumed in input order."""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import sys
+import tarfile
+from collections import Counter
+
+from tqdm import tqdm
+
+from . import FORMAT_VERSION
+from .fsio import get_fs, join, sha256_file, write_atomic
+from .records import SPLITS, Drops, id_sort_key
+
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One tar member with fixed metadata (mtime 0, root-owned, read-only) so the archive depends only on content."""
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o444, 0, 0, "", ""
+    pad = (-len(data)) % BLOCK
+    return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
+
+
+def finish_tar(members: list[bytes]) -> bytes:
+    body = b"".join(members) + b"\0" * (2 * BLOCK)  # end-of-archive marker
+    return body + b"\0" * ((-len(body)) % RECORD)  # pad to a full record, as tar(1) and tarfile do
+
+
+def sample_members(key: int, jpg: bytes, caption: str, meta: dict) -> bytes:
+    k = f"{key:09d}"
+    js = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return tar_member(f"{k}.jpg", jpg) + tar_member(f"{k}.json", js) + tar_member(f"{k}.txt", caption.encode("utf-8"))
+
+
+class ShardSink:
+    """Accumulates samples and flushes shards of at most maxcount samples / maxsize bytes. A finished shard whose
+    bytes already sit at its final name is left alone (re-runs skip finished work); otherwise it is written to a
+    hidden temporary name and renamed, so a shard under its real name is always complete."""
+
+    def __init__(self, fs, split_dir: str, split: str, maxcount: int, maxsize: int, overwrite: bool):
+        self.fs, self.dir, self.split = fs, split_dir, split
+        self.maxcount, self.maxsize, self.overwrite = maxcount, maxsize, overwrite
+        self.members: list[bytes] = []
+        self.size = 0
+        self.shards: list[dict] = []
+        self.written = self.skipped = 0
+
+    def add(self, blob: bytes):
+        if self.members and (len(self.members) >= self.maxcount or self.size + len(blob) > self.maxsize):
+            self.flush()
+        self.members.append(blob)
+        self.size += len(blob)
+
+    def flush(self):
+        if not self.members:
+            return
+        data = finish_tar(self.members)
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        sha = hashlib.sha256(data).hexdigest()
+        path = join(self.dir, name)
+        if not self.overwrite and _same_file(self.fs, path, data, sha):
+            self.skipped += 1
+        else:
+            write_atomic(self.fs, path, data)
+            self.written += 1
+        self.shards.append({"name": name, "count": len(self.members), "sha256": sha})
+        self.members, self.size = [], 0
+
+
+def _same_file(fs, path, data, sha) -> bool:
+    try:
+        if fs.size(path) != len(data):
+            return False
+    except (FileNotFoundError, OSError):
+        return False
+    return sha256_file(fs, path) == sha
+
+
+# Worker plumbing: the loader is installed once per process instead of being pickled with every task.
+_LOADER = None
+
+
+def _init_worker(loader):
+    global _LOADER
+    _LOADER = loader
+
+
+def _call(entry):
+    return _LOADER(entry)
+
+
+class Materializer:
+    """Maps entries to (jpeg, drop_reason, captions) in input order, in this process or in a worker pool. Ordered
+    imap keeps the output independent of the number of workers."""
+
+    def __init__(self, loader, workers: int):
+        self.loader, self.pool = loader, None
+        if workers > 1:
+            # fork: workers inherit already-read state (e.g. memory:// files) without pickling it.
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(loader,))
+
+    def map(self, entries):
+        if self.pool is None:
+            return map(self.loader, entries)
+        return self.pool.imap(_call, entries, chunksize=16)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def write_split(fs, out_path, split, entries, materializer, drops: Drops, opts, progress=True) -> dict:
+    entries = sorted(entries, key=lambda e: (id_sort_key(e.orig_id), e.image))
+    split_dir = join(out_path, split)
+    fs.makedirs(split_dir, exist_ok=True)
+    _remove_temporaries(fs, split_dir)
+    sink = ShardSink(fs, split_dir, split, opts["maxcount"], opts["maxsize"], opts["overwrite"])
+    pids: dict[str, int] = {}
+    key = image_id = 0
+    per_source: dict[str, dict] = {}
+    cap_chars = 0
+    bar = tqdm(total=len(entries), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
+    for e, (jpg, reason, caps) in zip(entries, materializer.map(entries)):
+        bar.update(1)
+        if reason is None and not caps:
+            reason = "no_valid_captions"
+        if reason is not None:
+            drops.drop(reason, e.origin, e.index, e.image_field, e.image, split)
+            continue
+        # pid is assigned on an identity's first surviving image, so it stays dense even if images are dropped.
+        pid = pids.setdefault(str(e.orig_id), len(pids))
+        src = per_source.setdefault(e.source, {"pairs": 0, "images": 0, "ids": set()})
+        for ci, cap in enumerate(caps):
+            meta = {"key": key, "pid": pid, "orig_id": e.orig_id, "source": e.source, "image": e.image,
+                    "image_id": image_id, "caption_id": ci}
+            if e.attributes is not None:
+                meta["attributes"] = e.attributes
+            sink.add(sample_members(key, jpg, cap, meta))
+            key += 1
+            cap_chars += len(cap)
+        src["pairs"] += len(caps)
+        src["images"] += 1
+        src["ids"].add(pid)
+        image_id += 1
+    bar.close()
+    sink.flush()
+    keep = {s["name"] for s in sink.shards}
+    _remove_stale_shards(fs, split_dir, split, keep)
+    write_atomic(fs, join(split_dir, "sizes.json"),
+                 json.dumps({s["name"]: s["count"] for s in sink.shards}, indent=1).encode())
+    return {
+        "pairs": key, "images": image_id, "captions": key, "identities": len(pids),
+        "shards": sink.shards,
+        "sources": {k: {"pairs": v["pairs"], "images": v["images"], "identities": len(v["ids"])}
+                    for k, v in sorted(per_source.items())},
+        "dropped": drops.split_dict(split),
+        "_written": sink.written, "_skipped": sink.skipped, "_mean_caption_chars": cap_chars / max(1, key),
+    }
+
+
+def _remove_temporaries(fs, split_dir):
+    """Leftovers of an interrupted run: hidden .NAME.tmp files are never complete, remove them."""
+    for p in fs.ls(split_dir, detail=False):
+        base = p.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith(".") and base.endswith(".tmp"):
+            fs.rm(p)
+
+
+def _remove_stale_shards(fs, split_dir, split, keep):
+    """A previous run with more shards would leave extra SPLIT-*.tar files that a glob would pick up."""
+    for p in fs.ls(split_dir, detail=False):
+        base = p.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith(f"{split}-") and base.endswith(".tar") and base not in keep:
+            fs.rm(p)
+
+
+def split_order(splits):
+    return sorted(splits, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+
+
+def write_dataset(output: str, entries_by_split: dict, loader, drops: Drops, opts: dict, command: list,
+                  progress: bool = True) -> dict:
+    fs, out_path = get_fs(output)
+    fs.makedirs(out_path, exist_ok=True)
+    manifest_path = join(out_path, "manifest.json")
+    # The old manifest goes first: if this run is interrupted the output must not look complete.
+    if fs.exists(manifest_path):
+        fs.rm(manifest_path)
+    mat = Materializer(loader, opts.get("workers", 1))
+    try:
+        splits = {s: write_split(fs, out_path, s, entries_by_split[s], mat, drops, opts, progress)
+                  for s in split_order(entries_by_split)}
+    finally:
+        mat.close()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "splits": {s: {k: v for k, v in info.items() if not k.startswith("_")} for s, info in splits.items()},
+        "dropped": drops.as_dict(),
+        "command": list(command),
+        "options": opts,
+    }
+    write_atomic(fs, manifest_path, json.dumps(manifest, indent=1, sort_keys=False, default=str).encode())
+    manifest["_runtime"] = {s: {k: v for k, v in info.items() if k.startswith("_")} for s, info in splits.items()}
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    lines = []
+    rt = manifest.get("_runtime", {})
+    for s, info in manifest["splits"].items():
+        r = rt.get(s, {})
+        lines.append(f"{s:>6}: {info['pairs']} pairs, {info['images']} images, {info['identities']} identities, "
+                     f"{len(info['shards'])} shards ({r.get('_written', 0)} written, {r.get('_skipped', 0)} "
+                     f"unchanged and skipped)")
+    dropped = manifest.get("dropped", {})
+    total = sum(dropped.values())
+    lines.append(f"dropped: {total}" + (" (" + ", ".join(f"{k}: {v}" for k, v in dropped.items()) + ")"
+                                        if total else ""))
+    return "\n".join(lines)
