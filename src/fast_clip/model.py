@@ -147,7 +147,13 @@ def create_model(name: str, pretrained: str | None = None, image_size: tuple[int
         raise WeightsFileError(
             f"--pretrained {pretrained!r} is not a file. Nothing is downloaded: pass the path of a local weights file.")
     size = tuple(image_size) if image_size else default_image_size(name)
-    model = open_clip.create_model(name, pretrained=None, force_image_size=size, device="cpu")
+    # open_clip warns "initialized randomly" when no hub weights are named; ours come from load_pretrained below.
+    root_logger, level = logging.getLogger(), logging.getLogger().level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(name, pretrained=None, force_image_size=size, device="cpu")
+    finally:
+        root_logger.setLevel(level)
     if pretrained:
         load_pretrained(model, pretrained)
     return model.to(device)

@@ -45,6 +45,22 @@ class DataError(RuntimeError):
     """Unusable training data; the message names the shard set, file and problem."""
 
 
+class Tally:
+    """Unusable-sample counts of one worker: ``delta`` is drained into each batch; ``reported`` remembers what was
+    already counted this epoch, because refill passes meet the same bad samples and truncated shards again."""
+
+    def __init__(self):
+        self.delta: Counter = Counter()
+        self.reported: set = set()
+
+    def add(self, reason: str, ident) -> bool:
+        if ident in self.reported:
+            return False
+        self.reported.add(ident)
+        self.delta[reason] += 1
+        return True
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Shard discovery
 
@@ -163,7 +179,7 @@ def load_train_sets(train_data: str) -> list[ShardSet]:
 # Raw tar reading
 
 
-def iter_tar_samples(url: str, counter: Counter):
+def iter_tar_samples(url: str, counter: "Tally"):
     """Yield webdataset samples ({'__key__', 'jpg', 'txt', 'json', ...} of bytes) from one tar, streaming.
 
     A truncated or unreadable tar ends its shard early; the loss is counted (``truncated_shard``), not raised, because
@@ -189,9 +205,8 @@ def iter_tar_samples(url: str, counter: Counter):
         if current:
             yield current
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        counter["truncated_shard"] += 1
-        counter[f"truncated_shard:{os.path.basename(url)}"] += 1
-        _warn(f"shard {url} is truncated or unreadable ({type(e).__name__}: {e}); the rest of it is skipped")
+        if counter.add("truncated_shard", ("truncated", url)):
+            _warn(f"shard {url} is truncated or unreadable ({type(e).__name__}: {e}); the rest of it is skipped")
 
 
 def _warn(msg: str) -> None:
@@ -410,7 +425,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     # -- batches ---------------------------------------------------------------------------------------------------
     def _batches(self, w: int):
         """All batches of logical worker w for this epoch, as (batch_index, samples, bad Counter delta)."""
-        counter: Counter = Counter()
+        counter = Tally()
         raw = self._raw(w, counter)
         n_batches = worker_batches(self.n, self.num_workers, w)
         b = self.cfg.batch_size
@@ -424,14 +439,14 @@ class TrainStream(torch.utils.data.IterableDataset):
                     samples.append((*self.decoder(item, sset), sset.index))
                 except _BadSample as e:
                     bad += 1
-                    counter[e.reason] += 1
+                    counter.add(e.reason, (item.get("__url__"), item.get("__key__")))
                     if bad > max(16, self.cfg.max_bad_frac * seen):
                         raise DataError(
                             f"rank {self.rank} worker {w}: {bad} of {seen} samples read are unusable "
-                            f"({dict(counter)}); last in {item.get('__url__')} key {item.get('__key__')}. "
+                            f"({dict(counter.delta)}); last in {item.get('__url__')} key {item.get('__key__')}. "
                             f"Check the shards with: python data_prep/make_shards.py verify OUTPUT")
-            delta = Counter(counter)
-            counter.clear()
+            delta = Counter(counter.delta)
+            counter.delta.clear()
             yield j, samples, delta
 
     def __iter__(self):
