@@ -179,12 +179,15 @@ def load_train_sets(train_data: str) -> list[ShardSet]:
 # Raw tar reading
 
 
-def iter_tar_samples(url: str, counter: "Tally"):
+def iter_tar_samples(url: str, counter: "Tally", expected: int | None = None):
     """Yield webdataset samples ({'__key__', 'jpg', 'txt', 'json', ...} of bytes) from one tar, streaming.
 
-    A truncated or unreadable tar ends its shard early; the loss is counted (``truncated_shard``), not raised, because
-    a single bad file must not kill a multi-day run (the samples it lacked are refilled from the stream)."""
-    current, cur_key = {}, None
+    Python's tarfile stops silently at a truncated archive, so truncation is detected here: a member shorter than its
+    header says, or fewer samples than ``sizes.json`` promised (``expected``). A truncated or unreadable shard is
+    counted (``truncated_shard``) and warned about, not raised: one bad file must not kill a multi-day run, and the
+    samples it lacked are refilled from the stream."""
+    current, cur_key, n = {}, None, 0
+    problem = None
     try:
         with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
@@ -197,16 +200,25 @@ def iter_tar_samples(url: str, counter: "Tally"):
                 key, ext = base.split(".", 1)
                 key = prefix + key
                 data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    problem = f"member {member.name} has {len(data)} of its {member.size} bytes"
+                    current = {}  # the partial sample is not used
+                    break
                 if key != cur_key:
                     if current:
+                        n += 1
                         yield current
                     current, cur_key = {"__key__": key, "__url__": url}, key
                 current[ext.lower()] = data
-        if current:
+        if current and problem is None:
+            n += 1
             yield current
+        if problem is None and expected is not None and n < expected:
+            problem = f"{n} samples where sizes.json lists {expected}"
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        if counter.add("truncated_shard", ("truncated", url)):
-            _warn(f"shard {url} is truncated or unreadable ({type(e).__name__}: {e}); the rest of it is skipped")
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None and counter.add("truncated_shard", ("truncated", url)):
+        _warn(f"shard {url} is truncated or unreadable ({problem}); the rest of it is skipped")
 
 
 def _warn(msg: str) -> None:
@@ -355,15 +367,16 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _concat_stream(self, w: int, counter: Counter, pass_idx: int):
         start, length = worker_range(self.n, self.cfg.batch_size, self.rank, self.num_workers, w)
         pos, end = 0, start + length
-        for sset, url, count in shard_order(self.sets, self.cfg.seed, self.epoch * 1000 + pass_idx,
-                                            self.cfg.shard_shuffle):
+        # Every pass reads the same shard order, so a refill pass re-reads this worker's own range and never a pair
+        # of another worker's (only the shuffle buffer's seed changes with the pass).
+        for sset, url, count in shard_order(self.sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle):
             if pos + count <= start:
                 pos += count
                 continue
             if pos >= end:
                 break
             i = pos
-            for raw in iter_tar_samples(url, counter):
+            for raw in iter_tar_samples(url, counter, expected=count):
                 if i >= end:
                     break
                 if i >= start:
@@ -389,7 +402,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                         pos += count
                         continue
                     i = pos
-                    for raw in iter_tar_samples(url, counter):
+                    for raw in iter_tar_samples(url, counter, expected=count):
                         if i >= end:
                             break
                         if i >= start:

@@ -145,6 +145,8 @@ def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState
             return TrainState()
         ckpt, path = found
     else:
+        if not os.path.isfile(args.resume):
+            raise ckpt_lib.CheckpointError(f"--resume {args.resume!r} is not a file (use 'latest' or a checkpoint path)")
         ckpt, path = ckpt_lib.load(args.resume), args.resume
     unwrap(model).load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -201,7 +203,11 @@ def _train(args, denv) -> int:
         logger.info(f"data set {s.index}: {s.spec} | {len(s.urls)} shards | {s.num_pairs} pairs | "
                     f"keys {s.key_offset}..{s.key_offset + s.split_pairs - 1}")
 
-    model = create_model(args.model, pretrained=args.pretrained, image_size=args.image_size, device=denv.device)
+    from fast_clip.model import WeightsFileError
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, image_size=args.image_size, device=denv.device)
+    except (WeightsFileError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     loss_fn = build_loss(args.loss_config, data_size=data_size, device=denv.device)
@@ -223,7 +229,10 @@ def _train(args, denv) -> int:
                                             max_bad_frac=args.max_bad_samples_frac),
                          decoder, tokenizer, denv.rank, denv.world_size)
     hooks = Hooks(args, run_dir, logger, model, optimizer, loss_fn, stream)
-    state = _resume(args, hooks, model, optimizer, loss_fn, logger)
+    try:
+        state = _resume(args, hooks, model, optimizer, loss_fn, logger)
+    except ckpt_lib.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
 
     train_model = model
     if denv.distributed:
