@@ -39,7 +39,7 @@ class RunLogger:
     def scalars(self, step: int, values: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **{k: _num(v) for k, v in values.items()}}) + "\n")
+        self._jsonl.write(json.dumps({"kind": prefix, "step": step, **{k: _num(v) for k, v in values.items()}}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in values.items():

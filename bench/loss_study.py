@@ -1,0 +1,108 @@
+"""Loss study on synthetic person data (issue: FastCLIP experiment): R@1 on the held-out test identities after every
+epoch, for several losses and seeds, at one global batch and a fixed number of steps. Writes a JSON of the curves, a
+PNG plot (mean and min/max over seeds) and prints a table, including the share of steps each loss needs to reach
+the final R@1 of `openclip`.
+
+    python bench/loss_study.py --shards shards/demo_synth --losses openclip sogclr fastclip-v1 fastclip-v3 \
+        --seeds 0 1 2 --batch-size 64 --epochs 6 --out bench/results/loss_study_b64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "src" / "training" / "main.py")
+
+
+def run(shards: str, loss: str, seed: int, batch: int, epochs: int, lr: float, logs: str) -> list[tuple[int, float]]:
+    name = f"{loss}-s{seed}-b{batch}"
+    cmd = [sys.executable, MAIN, "--train-data", f"{shards}/train", "--val-data", f"{shards}/test",
+           "--val-frequency", "1", "--model", "PersonTiny", "--loss", loss, "--batch-size", str(batch),
+           "--epochs", str(epochs), "--lr", str(lr), "--warmup", "50", "--workers", "1", "--seed", str(seed),
+           "--logs-dir", logs, "--name", name, "--log-every-n-steps", "1000"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+    curve = []
+    for line in open(Path(logs) / name / "train_log.jsonl"):
+        r = json.loads(line)
+        if r.get("kind", "").startswith("val") and "R1" in r:
+            curve.append((r["step"], r["R1"]))
+    return curve
+
+
+def steps_to_reach(curve, target):
+    for step, r1 in curve:
+        if r1 >= target:
+            return step
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", default="shards/demo_synth")
+    ap.add_argument("--losses", nargs="+", default=["openclip", "sogclr", "fastclip-v1", "fastclip-v3"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default="bench/results/loss_study")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "curves.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for loss in a.losses:
+        for seed in a.seeds:
+            key = f"{loss}/{seed}"
+            if key in results:  # re-runs continue a partial study
+                continue
+            results[key] = run(a.shards, loss, seed, a.batch_size, a.epochs, a.lr, str(out / "logs"))
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{key}: final R@1 {results[key][-1][1]:.2f}", flush=True)
+
+    import numpy as np
+    summary = {}
+    for loss in a.losses:
+        curves = [results[f"{loss}/{s}"] for s in a.seeds]
+        steps = [s for s, _ in curves[0]]
+        r1 = np.array([[v for _, v in c] for c in curves])
+        summary[loss] = {"steps": steps, "mean": r1.mean(0).tolist(), "min": r1.min(0).tolist(),
+                         "max": r1.max(0).tolist(), "final": [c[-1][1] for c in curves]}
+    ref = float(np.mean(summary["openclip"]["final"])) if "openclip" in summary else None
+    total = summary[a.losses[0]]["steps"][-1]
+    print(f"\nglobal batch {a.batch_size}, {total} steps, seeds {a.seeds}, PersonTiny on {a.shards}")
+    print("| loss | final R@1 mean | min | max | steps to openclip's final R@1 (mean curve) |")
+    print("|---|---|---|---|---|")
+    for loss, s in summary.items():
+        reach = steps_to_reach(list(zip(s["steps"], s["mean"])), ref) if ref is not None else None
+        share = f"{reach} ({100 * reach / total:.0f}%)" if reach else "not reached"
+        print(f"| {loss} | {np.mean(s['final']):.2f} | {min(s['final']):.2f} | {max(s['final']):.2f} | {share} |")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for loss, s in summary.items():
+            ax.plot(s["steps"], s["mean"], marker="o", label=loss)
+            ax.fill_between(s["steps"], s["min"], s["max"], alpha=0.2)
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel("test R@1 (%)")
+        ax.set_title(f"synthetic persons, global batch {a.batch_size}, {len(a.seeds)} seeds")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "r1_curves.png", dpi=120)
+        print(f"plot: {out / 'r1_curves.png'}")
+    except ImportError:
+        print("matplotlib missing: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

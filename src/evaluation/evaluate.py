@@ -1,0 +1,376 @@
+"""Text-to-image person retrieval evaluation: library entry points and the ``scripts/eval.sh`` command line.
+
+Library (what the trainer calls, on rank 0)::
+
+    from evaluation.evaluate import evaluate_model
+    results = evaluate_model(model, tokenizer, transform, {"cuhk": "shards/cuhk/test"}, device)
+    results["cuhk"]["R1"], results["cuhk"]["mAP"], ...
+
+Command line::
+
+    python -m evaluation.evaluate RUN_DIR [--data SPEC ...] [--epoch N]
+    python -m evaluation.evaluate --pretrained FILE --model NAME [--image-size H W] --data SPEC ... --output DIR
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import re
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from evaluation.extract import (EvalError, TestSet, default_transform, extract_features, load_test_set,
+                                resolve_shards)
+from evaluation.metrics import recall_at_1_from_features, retrieval_metrics_from_features, topk_indices
+
+__all__ = ["EvalError", "evaluate_model", "evaluate_testset", "evaluate_features", "find_checkpoint",
+           "default_datasets", "dataset_name", "format_table", "write_report", "main"]
+
+KS = (1, 5, 10)
+MAX_RANK = 50
+TOP_SHOWN = 10
+_SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
+
+
+# ----------------------------------------------------------------------------------------------------------- library
+def evaluate_features(image_features: torch.Tensor, text_features: torch.Tensor, ts: TestSet,
+                      chunk_size: int | None = None) -> dict:
+    """Metrics of one test set from its features (rows of ``text_features`` = ``ts.captions``, rows of
+    ``image_features`` = the gallery)."""
+    dev = text_features.device
+    q_ids = torch.as_tensor(ts.query_pids, device=dev)
+    g_ids = torch.as_tensor(ts.gallery_pids, device=dev)
+    m = retrieval_metrics_from_features(text_features, image_features, q_ids, g_ids, ks=KS, max_rank=MAX_RANK,
+                                        chunk_size=chunk_size)
+    i2t = recall_at_1_from_features(image_features, text_features, g_ids, q_ids, chunk_size=chunk_size)
+    ordered = {f"R{k}": m[f"R{k}"] for k in KS}
+    ordered.update(mAP=m["mAP"], mINP=m["mINP"], i2t_R1=i2t, num_queries=m["num_queries"],
+                   num_gallery=m["num_gallery"], num_queries_without_match=m["num_queries_without_match"],
+                   cmc=m["cmc"])
+    return ordered
+
+
+def _examples(image_features, text_features, ts: TestSet, n: int) -> list[dict]:
+    if n <= 0 or ts.num_queries == 0:
+        return []
+    picks = sorted(set(np.linspace(0, ts.num_queries - 1, n).round().astype(int).tolist()))
+    sims = text_features[picks] @ image_features.t()
+    top = topk_indices(sims, min(TOP_SHOWN, ts.num_gallery)).cpu().numpy()
+    rows = []
+    for q, idx in zip(picks, top):
+        rows.append(dict(title=ts.name, caption=ts.captions[q], query_index=int(q), pid=int(ts.query_pids[q]),
+                         gallery_indices=idx.tolist(),
+                         matches=(ts.gallery_pids[idx] == ts.query_pids[q]).tolist(),
+                         images=[ts.image(int(i)) for i in idx]))
+    return rows
+
+
+def evaluate_testset(model, tokenizer, transform, ts: TestSet, device: str | torch.device = "cpu",
+                     batch_size: int = 256, num_workers: int = 0, chunk_size: int | None = None,
+                     num_examples: int = 0) -> tuple[dict, list[dict]]:
+    """(metrics, retrieval examples) of one loaded test set."""
+    img, txt = extract_features(model, tokenizer, transform, ts, device, batch_size=batch_size,
+                                num_workers=num_workers)
+    return evaluate_features(img, txt, ts, chunk_size), _examples(img, txt, ts, num_examples)
+
+
+def evaluate_model(model, tokenizer, transform, datasets: Mapping[str, str | Sequence[str] | TestSet],
+                   device: str | torch.device = "cpu", batch_size: int = 256, num_workers: int = 0,
+                   chunk_size: int | None = None) -> dict[str, dict]:
+    """Evaluate ``model`` on every test set: ``{name: metrics}``.
+
+    ``datasets``: name -> shard spec (directory, brace pattern, file list, ``::``-joined, list of paths) or an already
+    loaded :class:`TestSet` (load once with :func:`evaluation.extract.load_test_set` to skip re-reading the tars at
+    every periodic evaluation). ``transform``: PIL image -> normalised tensor (``build_transform(size, train=False)``).
+    Works on any single process; in distributed training call it on rank 0 with the unwrapped model (a DDP wrapper is
+    unwrapped here). The model's train/eval mode is restored. Metrics are percentages; see docs/EVAL.md.
+    """
+    out = {}
+    for name, spec in datasets.items():
+        ts = spec if isinstance(spec, TestSet) else load_test_set(spec, name=name)
+        out[name], _ = evaluate_testset(model, tokenizer, transform, ts, device, batch_size, num_workers, chunk_size)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- run directories
+def find_checkpoint(run_dir: str, epoch: int | None = None) -> tuple[str, int]:
+    """``RUN_DIR/checkpoints/epoch_N.pt`` for ``epoch`` or, by default, the highest N."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise EvalError(f"run directory {run_dir!r} has no checkpoints/ folder ({ckpt_dir!r} does not exist)")
+    found = {}
+    for f in os.listdir(ckpt_dir):
+        m = re.fullmatch(r"epoch_(\d+)\.pt", f)
+        if m:
+            found[int(m.group(1))] = os.path.join(ckpt_dir, f)
+    if not found:
+        raise EvalError(f"{ckpt_dir!r} holds no epoch_N.pt checkpoint")
+    if epoch is None:
+        epoch = max(found)
+    elif epoch not in found:
+        raise EvalError(f"{ckpt_dir!r} has no epoch_{epoch}.pt (available epochs: "
+                        f"{', '.join(map(str, sorted(found)))})")
+    return found[epoch], epoch
+
+
+def read_run_params(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "params.json")
+    if not os.path.isfile(path):
+        raise EvalError(f"run directory {run_dir!r} has no params.json ({path!r} does not exist)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"{path!r} is not readable JSON: {e}") from e
+    if not isinstance(params, dict) or not isinstance(params.get("model"), str):
+        raise EvalError(f"{path!r} has no 'model' entry (the model name the run was trained with)")
+    return params
+
+
+def _pattern_dir(pattern: str) -> str:
+    """Folder part of a shard pattern: the prefix before the first path component holding a brace or glob, or the
+    folder of a file, or the folder itself."""
+    parts = pattern.rstrip("/").split("/")
+    for i, p in enumerate(parts):
+        if any(c in p for c in "{*?["):
+            return "/".join(parts[:i]) or "."
+    if os.path.isdir(pattern):
+        return pattern.rstrip("/")
+    return os.path.dirname(pattern.rstrip("/")) or "."
+
+
+def dataset_name(spec: str) -> str:
+    """Display name of a shard spec: ``shards/cuhk/test`` -> ``cuhk``; ``lists/foo.txt`` -> ``foo``."""
+    first = spec.split("::")[0]
+    if os.path.isfile(first) and not first.endswith((".tar", ".tar.gz", ".tgz")):
+        return os.path.splitext(os.path.basename(first))[0]
+    d = os.path.normpath(_pattern_dir(first))
+    base = os.path.basename(d)
+    if base in _SPLIT_NAMES:
+        parent = os.path.basename(os.path.dirname(os.path.abspath(d)))
+        return parent or base
+    return base or "data"
+
+
+def default_datasets(train_data: str | None) -> dict[str, str]:
+    """The ``test/`` split next to each ``::``-separated training set: for ``ROOT/train/train-{..}.tar`` that is
+    ``ROOT/test`` when the folder exists."""
+    from braceexpand import braceexpand
+
+    out: dict[str, str] = {}
+    roots: list[str] = []
+    for part in (train_data or "").split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        for p in braceexpand(part):
+            root = os.path.dirname(os.path.normpath(_pattern_dir(p)))
+            if root not in roots:
+                roots.append(root)
+    for root in roots:
+        test = os.path.join(root or ".", "test")
+        if os.path.isdir(test):
+            out[_unique(out, os.path.basename(os.path.abspath(root)) or "test")] = test
+        else:
+            print(f"warning: no test split at {test!r} for training data under {root!r}; skipped", file=sys.stderr)
+    return out
+
+
+def _unique(d: Mapping, name: str) -> str:
+    if name not in d:
+        return name
+    i = 2
+    while f"{name}_{i}" in d:
+        i += 1
+    return f"{name}_{i}"
+
+
+def _parse_data(specs: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for spec in specs:
+        name = None
+        if "=" in spec and not os.path.exists(spec):
+            head, rest = spec.split("=", 1)
+            if head and "/" not in head:
+                name, spec = head, rest
+        out[_unique(out, name or dataset_name(spec))] = spec
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- reports
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def format_table(results: Mapping[str, dict]) -> str:
+    head = "| dataset | R@1 | R@5 | R@10 | mAP | mINP | i2t R@1 | queries | gallery |"
+    lines = [head, "|" + "---|" * 9]
+    for name, m in results.items():
+        lines.append(f"| {name} | {_fmt(m['R1'])} | {_fmt(m['R5'])} | {_fmt(m['R10'])} | {_fmt(m['mAP'])} | "
+                     f"{_fmt(m['mINP'])} | {_fmt(m['i2t_R1'])} | {m['num_queries']} | {m['num_gallery']} |")
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_report(out_dir: str, tag: str, results: Mapping[str, dict], examples: Sequence[dict],
+                 header: Mapping[str, str]) -> dict[str, str]:
+    """Write ``TAG.json``, ``TAG.md``, ``TAG_cmc.png``, ``TAG_examples.png`` under ``out_dir``; returns the paths."""
+    from evaluation.plots import plot_cmc, plot_examples
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"{tag}{suffix}") for k, suffix in
+             (("json", ".json"), ("md", ".md"), ("cmc", "_cmc.png"), ("examples", "_examples.png"))}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(_json_safe(dict(results)), f, indent=2)
+        f.write("\n")
+    table = format_table(results)
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write(f"# Evaluation {tag}\n\n")
+        for k, v in header.items():
+            f.write(f"- {k}: {v}\n")
+        f.write("\nText-to-image retrieval (every caption a query, every image once in the gallery; percentages). "
+                "See docs/EVAL.md for the protocol.\n\n")
+        f.write(table + "\n")
+        without = {n: m["num_queries_without_match"] for n, m in results.items() if m["num_queries_without_match"]}
+        if without:
+            f.write("\nQueries without a match in the gallery (left out of the averages): "
+                    + ", ".join(f"{n}: {c}" for n, c in without.items()) + "\n")
+    plot_cmc({n: m["cmc"] for n, m in results.items()}, paths["cmc"], title=f"CMC, {tag}")
+    plot_examples(list(examples), paths["examples"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval.sh", description="Text-to-image person retrieval evaluation of a training run or a weights file.")
+    p.add_argument("run_dir", nargs="?", help="training run directory (checkpoints/epoch_N.pt, params.json)")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="SPEC",
+                   help="test shards, one dataset per SPEC: a directory (all *.tar), a brace pattern, a glob, a text "
+                        "file listing shards, or NAME=SPEC to name it. Default: the test/ split next to each training "
+                        "set of the run")
+    p.add_argument("--epoch", type=int, help="evaluate checkpoints/epoch_N.pt (default: the highest N)")
+    p.add_argument("--pretrained", metavar="FILE", help="evaluate this weights file instead of a run (needs --model, "
+                                                         "--data, --output)")
+    p.add_argument("--model", help="open_clip model name (default with a run: params.json's)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the run's, or "
+                                                                                  "the model's person-crop default)")
+    p.add_argument("--output", metavar="DIR", help="output folder (default with a run: RUN_DIR/eval)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes (0: in the main process)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--chunk-size", type=int, default=None, help="query rows per metric chunk (default: automatic)")
+    p.add_argument("--examples", type=int, default=4, help="retrieval examples drawn per dataset")
+    return p
+
+
+def _load_model(name: str, weights: str, image_size, device):
+    from fast_clip.model import WeightsFileError, create_model, load_pretrained
+
+    try:
+        model = create_model(name, image_size=image_size, device="cpu")
+    except (ValueError, RuntimeError) as e:
+        raise EvalError(f"cannot build model {name!r}: {e}") from e
+    try:
+        load_pretrained(model, weights)
+    except WeightsFileError as e:
+        raise EvalError(f"{e}") from e
+    except RuntimeError as e:  # load_state_dict's size mismatches
+        first = str(e).strip().splitlines()
+        detail = "; ".join(x.strip() for x in first[1:4]) or first[0]
+        raise EvalError(f"weights file {weights!r} does not match model {name!r} at image size "
+                        f"{tuple(image_size)}: {detail}") from e
+    return model.to(device)
+
+
+def _run(args) -> int:
+    from fast_clip.model import default_image_size, get_tokenizer
+
+    if args.run_dir and args.pretrained:
+        raise EvalError("give either RUN_DIR or --pretrained FILE, not both")
+    if not args.run_dir and not args.pretrained:
+        raise EvalError("nothing to evaluate: give RUN_DIR or --pretrained FILE --model NAME")
+    header: dict[str, str] = {}
+    if args.run_dir:
+        if not os.path.isdir(args.run_dir):
+            raise EvalError(f"run directory {args.run_dir!r} does not exist")
+        params = read_run_params(args.run_dir)
+        ckpt, epoch = find_checkpoint(args.run_dir, args.epoch)
+        name = args.model or params["model"]
+        size = args.image_size or params.get("image_size")
+        out_dir = args.output or os.path.join(args.run_dir, "eval")
+        tag = f"epoch_{epoch}"
+        data = _parse_data(args.data) if args.data else default_datasets(params.get("train_data"))
+        if not data:
+            raise EvalError(f"no test data: {args.run_dir}/params.json train_data={params.get('train_data')!r} has "
+                            f"no test/ split next to it; pass --data")
+        header.update(run=args.run_dir, checkpoint=ckpt, epoch=str(epoch))
+    else:
+        if not args.model:
+            raise EvalError("--pretrained needs --model NAME (the architecture of the weights file)")
+        if not args.data:
+            raise EvalError("--pretrained needs --data SPEC (the test shards)")
+        if not args.output:
+            raise EvalError("--pretrained needs --output DIR")
+        ckpt, name, out_dir = args.pretrained, args.model, args.output
+        size = args.image_size
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(ckpt))[0]) or "pretrained"
+        data = _parse_data(args.data)
+        header.update(weights=ckpt)
+    if not size:
+        try:
+            size = default_image_size(name)
+        except ValueError as e:
+            raise EvalError(f"{e}" + (f" (from {args.run_dir}/params.json)" if args.run_dir else "")) from e
+    if len(size) != 2:
+        raise EvalError(f"image size {size!r} is not [H, W]")
+    size = tuple(int(x) for x in size)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    header.update(model=name, image_size=f"{size[0]}x{size[1]}", device=str(device),
+                  date=_dt.datetime.now().isoformat(timespec="seconds"))
+
+    # Read the shards before the model so that bad data fails fast.
+    sets = {n: load_test_set(spec, name=n) for n, spec in data.items()}
+    model = _load_model(name, ckpt, size, device)
+    tokenizer = get_tokenizer(name)
+    transform = default_transform(size)
+    results, examples = {}, []
+    for n, ts in sets.items():
+        results[n], ex = evaluate_testset(model, tokenizer, transform, ts, device, batch_size=args.batch_size,
+                                          num_workers=args.workers, chunk_size=args.chunk_size,
+                                          num_examples=args.examples)
+        examples += ex
+    paths = write_report(out_dir, tag, results, examples, header)
+    print(f"{name} {os.path.basename(ckpt)} ({header.get('epoch', 'pretrained')}):")
+    print(format_table(results))
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['cmc']}, {paths['examples']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

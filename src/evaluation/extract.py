@@ -1,0 +1,267 @@
+"""Test-set loading from webdataset shards and feature extraction.
+
+A test split is read straight from its tar files (local paths; no network). Each sample is one (image, caption) pair:
+``KEY.jpg`` (or .jpeg/.png/.webp), ``KEY.txt`` and ``KEY.json`` with at least ``pid`` and ``image_id``. The gallery is
+every distinct ``image_id`` once (in order of first appearance, encoded bytes kept once), the queries are every caption.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from glob import glob
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["EvalError", "TestSet", "resolve_shards", "load_test_set", "extract_features", "default_transform",
+           "IMAGE_EXTS"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class EvalError(RuntimeError):
+    """Bad evaluation input (run directory, checkpoint, shards, model): the message names the file and the problem."""
+
+
+@dataclass
+class TestSet:
+    name: str
+    shards: list[str]
+    captions: list[str] = field(default_factory=list)
+    query_pids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    query_gallery_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the caption's own image
+    gallery_pids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    gallery_images: list[bytes] = field(default_factory=list)  # encoded image bytes
+    gallery_names: list[str] = field(default_factory=list)     # original image path (json "image") or sample key
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.captions)
+
+    @property
+    def num_gallery(self) -> int:
+        return len(self.gallery_images)
+
+    def image(self, index: int):
+        from PIL import Image
+        return Image.open(io.BytesIO(self.gallery_images[index])).convert("RGB")
+
+
+def resolve_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard files of a test set. ``spec``: a directory (every ``*.tar`` inside, sorted), a brace pattern
+    (``dir/test-{000000..000003}.tar``), a glob, a single tar, a text file listing shard paths (one per line, relative
+    to the list's folder; ``#`` comments), several of those joined with ``::``, or a list of them."""
+    from braceexpand import braceexpand
+
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for part in parts:
+        for sub in str(part).split("::"):
+            sub = sub.strip()
+            if not sub:
+                continue
+            found: list[str] = []
+            for p in braceexpand(sub):
+                if "://" in p:
+                    raise EvalError(f"--data {p!r}: only local shard files are supported by the evaluator")
+                if os.path.isdir(p):
+                    tars = sorted(glob(os.path.join(p, "*.tar")))
+                    if not tars:
+                        raise EvalError(f"--data {p!r}: directory holds no *.tar shard")
+                    found += tars
+                elif any(c in p for c in "*?["):
+                    found += sorted(glob(p))
+                elif os.path.isfile(p) and not _is_tar_name(p):
+                    found += _read_list(p)
+                else:
+                    if not os.path.isfile(p):
+                        raise EvalError(f"--data: shard {p!r} does not exist")
+                    found.append(p)
+            if not found:
+                raise EvalError(f"--data {sub!r} matches no shard file")
+            out += found
+    return out
+
+
+def _is_tar_name(p: str) -> bool:
+    return p.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def _read_list(path: str) -> list[str]:
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+    except UnicodeDecodeError as e:
+        raise EvalError(f"--data {path!r} is neither a .tar shard nor a text file listing shards") from e
+    files = []
+    for ln in lines:
+        if not ln or ln.startswith("#"):
+            continue
+        p = ln if os.path.isabs(ln) else os.path.join(base, ln)
+        if not os.path.isfile(p):
+            raise EvalError(f"shard list {path!r}: listed shard {ln!r} does not exist")
+        files.append(p)
+    if not files:
+        raise EvalError(f"shard list {path!r} lists no shard")
+    return files
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset's key rule: the key is the path up to the first dot of the basename, the rest is the extension."""
+    d, base = os.path.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _iter_samples(path: str):
+    """(key, {ext: bytes}) for every sample of a tar, members of one key being adjacent as webdataset requires."""
+    try:
+        tf = tarfile.open(path, "r|*")
+    except (tarfile.TarError, OSError) as e:
+        raise EvalError(f"shard {path!r} is not a readable tar file: {e}") from e
+    key, sample = None, {}
+    try:
+        with tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k, ext = _split_member(m.name)
+                if k != key:
+                    if key is not None:
+                        yield key, sample
+                    key, sample = k, {}
+                sample[ext] = tf.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise EvalError(f"shard {path!r} is truncated or corrupt: {e}") from e
+    if key is not None:
+        yield key, sample
+
+
+def load_test_set(spec: str | Sequence[str], name: str = "test", clean: Callable[[str], str] | None = None) -> TestSet:
+    """Read every sample of the shards of ``spec`` (see :func:`resolve_shards`) into a :class:`TestSet`."""
+    if clean is None:
+        clean = _default_clean
+    shards = resolve_shards(spec)
+    ts = TestSet(name=name, shards=shards)
+    gallery_of: dict[int, int] = {}
+    q_pids, q_gal, g_pids = [], [], []
+    for shard in shards:
+        for key, sample in _iter_samples(shard):
+            img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            missing = [x for x, ok in (("image (.jpg)", img_ext), ("txt", "txt" in sample), ("json", "json" in sample))
+                       if not ok]
+            if missing:
+                raise EvalError(f"shard {shard!r}: sample {key!r} lacks {', '.join(missing)} "
+                                f"(has: {', '.join(sorted(sample)) or 'nothing'}); expected KEY.jpg, KEY.txt, KEY.json")
+            try:
+                meta = json.loads(sample["json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise EvalError(f"shard {shard!r}: sample {key!r} has an unreadable .json ({e})") from e
+            if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("pid", "image_id")):
+                raise EvalError(f"shard {shard!r}: sample {key!r}: .json needs integer 'pid' and 'image_id' "
+                                f"(got keys: {', '.join(meta) if isinstance(meta, dict) else type(meta).__name__})")
+            pid, image_id = meta["pid"], meta["image_id"]
+            gi = gallery_of.get(image_id)
+            if gi is None:
+                gi = gallery_of[image_id] = len(g_pids)
+                g_pids.append(pid)
+                ts.gallery_images.append(sample[img_ext])
+                ts.gallery_names.append(str(meta.get("image", key)))
+            elif g_pids[gi] != pid:
+                raise EvalError(f"shard {shard!r}: sample {key!r}: image_id {image_id} has pid {pid} here but "
+                                f"pid {g_pids[gi]} in an earlier sample")
+            try:
+                caption = sample["txt"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EvalError(f"shard {shard!r}: sample {key!r}: caption is not UTF-8") from e
+            ts.captions.append(clean(caption))
+            q_pids.append(pid)
+            q_gal.append(gi)
+    if not ts.captions:
+        raise EvalError(f"test set {name!r}: shards {shards} hold no sample")
+    ts.query_pids = np.asarray(q_pids, dtype=np.int64)
+    ts.query_gallery_index = np.asarray(q_gal, dtype=np.int64)
+    ts.gallery_pids = np.asarray(g_pids, dtype=np.int64)
+    return ts
+
+
+def _default_clean(text: str) -> str:
+    try:
+        from training.transforms import clean_caption
+    except ImportError:  # the training package is optional for evaluation
+        return " ".join(text.split())
+    return clean_caption(text)
+
+
+def default_transform(image_size: tuple[int, int]):
+    """The training pipeline's evaluation transform (resize to (H, W), CLIP normalisation)."""
+    try:
+        from training.transforms import build_transform
+    except ImportError:
+        return _fallback_transform(image_size)
+    return build_transform(tuple(image_size), train=False)
+
+
+def _fallback_transform(image_size):
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(tuple(image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, ts: TestSet, transform):
+        self.images, self.names, self.transform = ts.gallery_images, ts.gallery_names, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            img = Image.open(io.BytesIO(self.images[i])).convert("RGB")
+        except Exception as e:  # PIL raises several types
+            raise EvalError(f"image {self.names[i]!r} cannot be decoded: {e}") from e
+        return self.transform(img)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DistributedDataParallel / DataParallel
+
+
+@torch.no_grad()
+def extract_features(model, tokenizer, transform, ts: TestSet, device: str | torch.device = "cpu",
+                     batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised fp32 (image_features [G, D], text_features [Q, D]) on ``device``. bf16 autocast on CUDA, fp32
+    elsewhere. The model's train/eval mode is restored afterwards."""
+    device = torch.device(device)
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    try:
+        loader = torch.utils.data.DataLoader(_Images(ts, transform), batch_size=batch_size, shuffle=False,
+                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        img_feats = []
+        for x in loader:
+            with amp:
+                f = net.encode_image(x.to(device, non_blocking=True))
+            img_feats.append(F.normalize(f.float(), dim=-1))
+        txt_feats = []
+        for lo in range(0, len(ts.captions), batch_size):
+            tokens = tokenizer(ts.captions[lo:lo + batch_size]).to(device, non_blocking=True)
+            with amp:
+                f = net.encode_text(tokens)
+            txt_feats.append(F.normalize(f.float(), dim=-1))
+    finally:
+        net.train(was_training)
+    return torch.cat(img_feats), torch.cat(txt_feats)
