@@ -24,7 +24,7 @@ def run(shards: str, loss: str, seed: int, batch: int, epochs: int, lr: float, l
     cmd = [sys.executable, MAIN, "--train-data", f"{shards}/train", "--val-data", f"{shards}/test",
            "--val-frequency", "1", "--model", "PersonTiny", "--loss", loss, "--batch-size", str(batch),
            "--epochs", str(epochs), "--lr", str(lr), "--warmup", "50", "--workers", "1", "--seed", str(seed),
-           "--logs-dir", logs, "--name", name, "--log-every-n-steps", "1000"]
+           "--logs-dir", logs, "--name", name, "--log-every-n-steps", "1000", "--no-augment"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
     curve = []

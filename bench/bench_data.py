@@ -1,0 +1,91 @@
+"""Data path throughput: shards -> ready batches (decode, augment, tokenize, collate) without the model, by number of
+loader workers, against a peer loader (webdataset 1.x's own pipeline doing the same decode and transforms) and against
+what the trainer consumes. Prints one table.
+
+    python bench/bench_data.py --shards shards/demo_synth/train --image-size 384 128 --batch-size 256 --workers 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+import torch  # noqa: E402
+
+from fast_clip.model import get_tokenizer  # noqa: E402
+from training.data import LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets  # noqa: E402
+from training.transforms import build_transform, clean_caption  # noqa: E402
+
+
+def ours(shards, image_size, batch, workers, max_batches):
+    sets = load_train_sets(shards)
+    dec = SampleDecoder(build_transform(image_size, train=True), clean_caption)
+    stream = TrainStream(sets, LoaderConfig(batch_size=batch, workers=workers, seed=0), dec,
+                         get_tokenizer("PersonTiny"), rank=0, world=1)
+    stream.set_epoch(0)
+    n = min(max_batches, stream.n)
+    t0, seen = None, 0
+    for i, b in enumerate(build_train_loader(stream, pin_memory=False)):
+        if i == 0:
+            t0 = time.perf_counter()  # first batch includes worker start-up and buffer fill; not counted
+            continue
+        seen += b["images"].shape[0]
+        if i + 1 >= n:
+            break
+    return seen / (time.perf_counter() - t0)
+
+
+def peer(shards, image_size, batch, workers, max_batches):
+    import webdataset as wds
+    from training.data import expand_urls
+    urls = expand_urls(shards)
+    tf = build_transform(image_size, train=True)
+    tok = get_tokenizer("PersonTiny")
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
+          .shuffle(2000).decode("pil").to_tuple("jpg", "txt").map_tuple(tf, lambda t: clean_caption(t))
+          .batched(batch, partial=False))
+    loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
+    t0, seen = None, 0
+    for i, (imgs, txts) in enumerate(loader):
+        tok(list(txts))
+        if i == 0:
+            t0 = time.perf_counter()
+            continue
+        seen += imgs.shape[0]
+        if i + 1 >= max_batches:
+            break
+    return seen / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", default="shards/demo_synth/train")
+    ap.add_argument("--image-size", type=int, nargs=2, default=[384, 128])
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--max-batches", type=int, default=20)
+    ap.add_argument("--consumption", type=float, default=None,
+                    help="The trainer's samples/s for the same model (from a training log) to compare against.")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; shards {a.shards}; "
+          f"{a.image_size[0]}x{a.image_size[1]}, batch {a.batch_size}")
+    print("| loader | workers | samples/s | ours / peer |")
+    print("|---|---|---|---|")
+    for w in a.workers:
+        o = ours(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches)
+        p = peer(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches)
+        print(f"| ours (TrainStream) | {w} | {o:,.0f} | {o / p:.2f} |")
+        print(f"| peer (webdataset pipeline) | {w} | {p:,.0f} | |")
+    if a.consumption:
+        print(f"| trainer consumption | | {a.consumption:,.0f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
