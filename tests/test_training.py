@@ -257,3 +257,17 @@ def test_missing_sizes_json_is_a_clear_error(tmp_path):
     (tmp_path / "a.tar").write_bytes(b"")
     with pytest.raises(D.DataError, match="sizes.json"):
         D.load_shard_set(str(tmp_path / "a.tar"))
+
+
+def test_weighted_sources_mix_by_weight_with_disjoint_keys(tmp_path):
+    a = write_shards(str(tmp_path / "a"), num_ids=16, shard_size=16)            # 64 pairs
+    b = write_shards(str(tmp_path / "b"), num_ids=16, shard_size=16, seed=1)    # 64 pairs
+    run_main("--train-data", f"{a['dir']}::{b['dir']}", "--train-data-weights", "1::3", "--train-num-samples", 256,
+             "--model", "PersonTiny", "--batch-size", 8, "--workers", 2, "--epochs", 1, "--logs-dir", tmp_path,
+             "--name", "mix", "--log-keys", "--loss", "fastclip-v1", "--warmup", 1)
+    keys = [k for l in open(tmp_path / "mix" / "keys_rank0.jsonl") for k in json.loads(l)["keys"]]
+    assert len(keys) == 256 and min(keys) >= 0 and max(keys) < 128
+    from_b = sum(k >= 64 for k in keys)  # set b's keys are offset by set a's 64 pairs
+    assert 0.6 < from_b / 256 < 0.9     # weight 3 of 4; binomial sd ~ 0.027
+    summary = json.load(open(tmp_path / "mix" / "summary.json"))
+    assert summary["source_counts"] == {"0": 256 - from_b, "1": from_b}

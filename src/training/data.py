@@ -263,6 +263,25 @@ def shard_order(sets: list[ShardSet], seed: int, epoch: int, shuffle: bool) -> l
     return order
 
 
+def read_range(order: list[tuple[ShardSet, str, int]], start: int, end: int, counter: "Tally"):
+    """The samples at positions [start, end) of the sequence formed by ``order``; only overlapping shards are read."""
+    pos = 0
+    for sset, url, count in order:
+        if pos + count <= start:
+            pos += count
+            continue
+        if pos >= end:
+            break
+        i = pos
+        for raw in iter_tar_samples(url, counter, expected=count):
+            if i >= end:
+                break
+            if i >= start:
+                yield raw, sset
+            i += 1
+        pos += count
+
+
 def shuffle_buffer(items, size: int, rng: random.Random):
     """Seeded reservoir shuffle: output depends only on the input order and the RNG seed."""
     if size <= 1:
@@ -364,53 +383,33 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.epoch, self.start_batch = epoch, start_batch
 
     # -- raw streams ---------------------------------------------------------------------------------------------
-    def _concat_stream(self, w: int, counter: Counter, pass_idx: int):
+    def _concat_stream(self, w: int, counter: "Tally"):
         start, length = worker_range(self.n, self.cfg.batch_size, self.rank, self.num_workers, w)
-        pos, end = 0, start + length
         # Every pass reads the same shard order, so a refill pass re-reads this worker's own range and never a pair
         # of another worker's (only the shuffle buffer's seed changes with the pass).
-        for sset, url, count in shard_order(self.sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle):
-            if pos + count <= start:
-                pos += count
-                continue
-            if pos >= end:
-                break
-            i = pos
-            for raw in iter_tar_samples(url, counter, expected=count):
-                if i >= end:
-                    break
-                if i >= start:
-                    yield raw, sset
-                i += 1
-            pos += count
+        order = shard_order(self.sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle)
+        yield from read_range(order, start, start + length, counter)
 
-    def _weighted_stream(self, w: int, counter: Counter):
+    def _weighted_stream(self, w: int, counter: "Tally"):
         slots = self.world * self.num_workers
         slot = self.rank * self.num_workers + w
         weights = np.asarray(self.cfg.weights, dtype=np.float64)
         rng = random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, 29))
 
         def endless(sset: ShardSet):
+            n_s = sset.num_pairs
+            start, end = slot * n_s // slots, (slot + 1) * n_s // slots
+            if end <= start:
+                raise DataError(f"set {sset.spec!r} has {n_s} pairs, fewer than the {slots} (rank, worker) slots "
+                                f"that read it; use fewer workers or drop its weight")
             for p in range(1 << 30):
                 order = shard_order([sset], self.cfg.seed, (self.epoch * 1000 + p) * 64 + sset.index,
                                     self.cfg.shard_shuffle)
-                n_s = sset.num_pairs
-                start, end = slot * n_s // slots, (slot + 1) * n_s // slots
-                pos, got = 0, 0
-                for _, url, count in order:
-                    if pos + count <= start or pos >= end:
-                        pos += count
-                        continue
-                    i = pos
-                    for raw in iter_tar_samples(url, counter, expected=count):
-                        if i >= end:
-                            break
-                        if i >= start:
-                            got += 1
-                            yield raw, sset
-                        i += 1
-                    pos += count
-                if got == 0 and end > start:
+                got = 0
+                for item in read_range(order, start, end, counter):
+                    got += 1
+                    yield item
+                if got == 0:
                     raise DataError(f"set {sset.spec!r} yields no readable sample")
 
         streams = [endless(s) for s in self.sets]
@@ -419,7 +418,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             i = int(np.searchsorted(cum, rng.random(), side="right"))
             yield next(streams[min(i, len(streams) - 1)])
 
-    def _raw(self, w: int, counter: Counter):
+    def _raw(self, w: int, counter: "Tally"):
         if self.cfg.weights is not None:
             yield from shuffle_buffer(self._weighted_stream(w, counter), self.cfg.shuffle_buffer,
                                       random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, 31)))
@@ -427,7 +426,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         # Concat mode: refills for unusable samples come from further passes over the same range (new shuffle).
         for p in range(1 << 30):
             got = 0
-            for item in shuffle_buffer(self._concat_stream(w, counter, p), self.cfg.shuffle_buffer,
+            for item in shuffle_buffer(self._concat_stream(w, counter), self.cfg.shuffle_buffer,
                                        random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, p, 31))):
                 got += 1
                 yield item
