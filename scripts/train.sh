@@ -47,12 +47,18 @@ per=$((EFFECTIVE_BATCH_SIZE / world))
 [ "$per" -ge 1 ] || die "EFFECTIVE_BATCH_SIZE=$EFFECTIVE_BATCH_SIZE is below 1 per process for $world processes ($nproc per node x $nnodes nodes)"
 [ $((per * world)) -eq "$EFFECTIVE_BATCH_SIZE" ] || die "EFFECTIVE_BATCH_SIZE=$EFFECTIVE_BATCH_SIZE does not divide over $world processes ($nproc per node x $nnodes nodes); use a multiple of $world"
 
-launch=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" --max-restarts "${MAX_RESTARTS:-0}")
-if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_PORT:-}" ]; then
-  launch+=(--standalone)
-else
-  launch+=(--node_rank "$node_rank" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+# Static rendezvous (explicit address and port) rather than --standalone: with torch 2.14 the standalone c10d
+# rendezvous leaves restarted ranks hanging in init_process_group after a rank was killed (MAX_RESTARTS > 0).
+port="${MASTER_PORT:-}"
+if [ -z "$port" ]; then
+  if [ "$nnodes" -eq 1 ]; then
+    port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  else
+    port=29500
+  fi
 fi
+launch=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" --max-restarts "${MAX_RESTARTS:-0}"
+        --node_rank "$node_rank" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port")
 cmd=("${launch[@]}" "$root/src/training/main.py" --batch-size "$per" ${args[@]+"${args[@]}"})
 echo "train.sh: $world process(es) x batch $per = effective batch $EFFECTIVE_BATCH_SIZE" >&2
 if [ "${DRY_RUN:-0}" = "1" ]; then

@@ -144,9 +144,15 @@ def test_pickled_code_payload_is_refused_never_run(tmp_path):
 def test_torchrun_restarts_a_dead_rank_and_resumes(tmp_path):
     info = write_shards(str(tmp_path / "s"), num_ids=32, shard_size=16)
     common = ["--train-data", info["dir"], "--model", "PersonTiny", "--batch-size", 4, "--workers", 1,
-              "--epochs", 1, "--logs-dir", tmp_path, "--warmup", 1, "--loss", "fastclip-v3", "--local-loss",
+              "--epochs", 2, "--logs-dir", tmp_path, "--warmup", 1, "--loss", "fastclip-v3", "--local-loss",
               "--save-every-n-steps", 2, "--resume", "latest"]
-    base = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Static rendezvous, as scripts/train.sh uses: torch's --standalone rendezvous hangs restarted ranks.
+    base = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "--nproc_per_node", "2"]
     subprocess.run(base + [MAIN, *map(str, common), "--name", "clean"], env=ENV, check=True, capture_output=True,
                    timeout=240)
     proc = subprocess.Popen(base + ["--max-restarts", "2", MAIN, *map(str, common), "--name", "crash"], env=ENV,
@@ -155,16 +161,17 @@ def test_torchrun_restarts_a_dead_rank_and_resumes(tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and not (latest.exists() and torch.load(latest, weights_only=True)["step"] >= 4):
         time.sleep(0.05)
-    # Kill one rank (a worker process of the agent, not the agent itself) as an OOM killer would.
-    pids = subprocess.run(["pgrep", "-f", f"{MAIN}.*--name crash"], capture_output=True, text=True).stdout.split()
-    workers = [p for p in pids if "torch.distributed.run" not in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
-    assert workers, "no rank process found to kill"
-    os.kill(int(workers[-1]), 9)
-    out, _ = proc.communicate(timeout=240)
+    assert proc.poll() is None, "the job ended before a rank could be killed"
+    # Kill one rank as an OOM killer would: a direct child of the torchrun agent (not one of its data workers, which
+    # carry the same command line).
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert ranks, "no rank process found to kill"
+    os.kill(int(ranks[-1]), 9)
+    out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    a = torch.load(tmp_path / "clean" / "checkpoints" / "epoch_1.pt", weights_only=True)
-    b = torch.load(tmp_path / "crash" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    a = torch.load(tmp_path / "clean" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    b = torch.load(tmp_path / "crash" / "checkpoints" / "epoch_2.pt", weights_only=True)
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
     torch.testing.assert_close(b["loss"]["u1"], a["loss"]["u1"], atol=0, rtol=0)

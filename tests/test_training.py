@@ -224,6 +224,7 @@ def test_train_sh_batch_arithmetic_and_refusals():
     assert r.returncode == 0 and "--nproc_per_node 4" in r.stdout and "--batch-size 128" in r.stdout
     assert "--logs-dir L" in r.stdout
     assert "a\\ b" in r.stdout  # arguments are passed through quoted, never re-split
+    assert "--master_port" in r.stdout and "--standalone" not in r.stdout
     r = _train_sh({"EFFECTIVE_BATCH_SIZE": "512", "NPROC": "4", "NNODES": "2", "NODE_RANK": "1",
                    "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
     assert r.returncode == 0 and "--batch-size 64" in r.stdout and "--node_rank 1" in r.stdout
