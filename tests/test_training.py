@@ -272,3 +272,23 @@ def test_weighted_sources_mix_by_weight_with_disjoint_keys(tmp_path):
     assert 0.6 < from_b / 256 < 0.9     # weight 3 of 4; binomial sd ~ 0.027
     summary = json.load(open(tmp_path / "mix" / "summary.json"))
     assert summary["source_counts"] == {"0": 256 - from_b, "1": from_b}
+
+
+def test_pretrained_openai_format_with_position_embedding_interpolation(tmp_path):
+    from fast_clip.model import create_model
+    torch.manual_seed(0)
+    src = create_model("PersonTiny")  # 64x32 -> an 8x4 patch grid
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    # OpenAI-format files carry these scalars, which are not parameters of open_clip's CLIP.
+    sd.update(input_resolution=torch.tensor(64), context_length=torch.tensor(40), vocab_size=torch.tensor(49408))
+    torch.save(sd, tmp_path / "openai_style.pt")
+    same = create_model("PersonTiny", pretrained=str(tmp_path / "openai_style.pt"))
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[k], v, atol=0, rtol=0)
+    taller = create_model("PersonTiny", pretrained=str(tmp_path / "openai_style.pt"), image_size=(96, 32))
+    pos = taller.visual.positional_embedding
+    assert tuple(taller.visual.grid_size) == (12, 4) and pos.shape[0] == 12 * 4 + 1
+    torch.testing.assert_close(pos[0], src.visual.positional_embedding[0])  # class token kept as is
+    torch.testing.assert_close(taller.state_dict()["text_projection"], src.state_dict()["text_projection"])
+    with torch.no_grad():
+        taller.encode_image(torch.randn(2, 3, 96, 32))

@@ -251,6 +251,10 @@ def _train(args, denv) -> int:
             loss_fn.set_epoch(state.epoch)
             stream.set_epoch(state.epoch, state.batch_in_epoch)
             loader = build_train_loader(stream, pin_memory=denv.device.type == "cuda")
+            if denv.is_main and sys.stderr.isatty():  # a bar for people at a terminal; logs stay line-based
+                from tqdm import tqdm
+                loader = tqdm(loader, total=stream.n - state.batch_in_epoch, desc=f"epoch {state.epoch}",
+                              unit="batch", leave=False, dynamic_ncols=True)
             go_on = train_one_epoch(train_model, loss_fn, optimizer, loader, state, cfg, hooks)
             if not go_on:
                 hooks.save(state)
