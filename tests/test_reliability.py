@@ -53,11 +53,12 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
     from fast_clip.losses import LossConfig, build_loss
     from fast_clip.model import create_model, get_tokenizer
     from training.optim import build_optimizer
+    from training.objective import Objective, TrainModule
     from training.train import NonFiniteError, TrainState, train_one_epoch, train_step
 
     torch.manual_seed(0)
-    model = create_model("PersonTiny")
-    loss_fn = build_loss(LossConfig.from_name("openclip"), data_size=16, device=torch.device("cpu"))
+    model = TrainModule(create_model("PersonTiny"))
+    loss_fn = Objective(build_loss(LossConfig.from_name("openclip"), data_size=16, device=torch.device("cpu")))
     opt = build_optimizer(model, 1e-3, 0.1)
     tok = get_tokenizer("PersonTiny")
     batch = {"images": torch.full((4, 3, 64, 32), float("nan")), "texts": tok(["a"] * 4), "keys": torch.arange(4),
@@ -71,6 +72,7 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
     class Cfg:
         batches_per_epoch, total_steps, lr, warmup, lr_scheduler, seed = 10, 10, 1e-3, 0, "cosine", 0
         precision, grad_clip_norm, log_every, save_every, max_steps, max_nonfinite_steps = "fp32", None, 100, 0, None, 3
+        accum_chunks, mixup_beta = 1, 0.0
 
     saved, warnings = [], []
 

@@ -78,7 +78,9 @@ def test_two_process_step_equals_one_process(tmp_path, loss):
     torchrun(2, worker, tmp_path / "two.pt", loss)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for k, v in one["model"].items():
-        torch.testing.assert_close(two["model"][k], v, atol=1e-5, rtol=1e-4, msg=f"parameter {k}")
+        # Adam's first steps divide each gradient entry by its own size, so fp32 reduction-order noise on entries whose
+        # gradient is near eps shows up as ~1% of one lr step (1e-3): 3e-5 is far below any real difference.
+        torch.testing.assert_close(two["model"][k], v, atol=3e-5, rtol=1e-4, msg=f"parameter {k}")
     for k, v in one["loss"].items():
         if torch.is_tensor(v) and v.is_floating_point():
             torch.testing.assert_close(two["loss"][k], v, atol=1e-6, rtol=1e-4, msg=f"loss state {k}")

@@ -247,6 +247,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 # ====================================================================================================== base class
 class ContrastiveLoss(nn.Module):
     learns_model_temperature: bool = False
+    supports_mixup: bool = False  # soft (mixed) targets; only the InfoNCE loss has them
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
@@ -310,11 +311,13 @@ class OpenClipLoss(ContrastiveLoss):
         super().__init__(cfg)
         self.learns_model_temperature = cfg.temperature_scheme == "global_learnable"
 
-    def forward(self, image_features, text_features, logit_scale, keys=None):
-        with _no_autocast(image_features.device):
-            return self._forward(image_features, text_features, logit_scale)
+    supports_mixup = True
 
-    def _forward(self, image_features, text_features, logit_scale):
+    def forward(self, image_features, text_features, logit_scale, keys=None, mix_alpha=None):
+        with _no_autocast(image_features.device):
+            return self._forward(image_features, text_features, logit_scale, mix_alpha)
+
+    def _forward(self, image_features, text_features, logit_scale, mix_alpha=None):
         dt = _compute_dtype(image_features, text_features)
         e1 = image_features.to(dt)
         e2 = text_features.to(dt)
@@ -323,11 +326,30 @@ class OpenClipLoss(ContrastiveLoss):
         scale = 1.0 / tau
         all1 = dist_utils.all_gather_with_grad(e1)
         all2 = dist_utils.all_gather_with_grad(e2)
-        labels = torch.arange(b, device=e1.device) + dist_utils.rank() * b
         logits_i = scale * e1 @ all2.t()
         logits_t = scale * e2 @ all1.t()
+        if mix_alpha is None:
+            labels = torch.arange(b, device=e1.device) + dist_utils.rank() * b
+        else:
+            labels = mixup_targets(b, dist_utils.rank(), dist_utils.world_size(), mix_alpha, e1.device, dt)
+        # The mixup target matrix is symmetric (the reversal pairs i with b-1-i both ways), so the text-anchor rows
+        # use the same targets as the image-anchor rows.
         loss = 0.5 * (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels))
         return loss, {"tau": float(tau.detach()), "gamma": 1.0}
+
+
+def mixup_targets(b: int, rank: int, world: int, alpha: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Soft targets of coin-flip mixup for this rank's b rows over the world*b gathered columns.
+
+    Sample i of a rank's batch was mixed with the reversed batch: x'_i = alpha*x_i + (1-alpha)*x_{b-1-i} (images, or
+    text token embeddings), so anchor i matches pair i with weight alpha and pair b-1-i with weight 1-alpha. When
+    b is odd the middle sample is mixed with itself and keeps weight 1."""
+    t = torch.zeros(b, world * b, device=device, dtype=dtype)
+    rows = torch.arange(b, device=device)
+    off = rank * b
+    t[rows, off + rows] += float(alpha)
+    t[rows, off + b - 1 - rows] += 1.0 - float(alpha)
+    return t
 
 
 # ====================================================================================================== GCL family
@@ -403,7 +425,10 @@ class GCLLoss(ContrastiveLoss):
         v[k] = v_new
 
     # -------------------------------------------------------------- forward
-    def forward(self, image_features, text_features, logit_scale=None, keys=None):
+    def forward(self, image_features, text_features, logit_scale=None, keys=None, mix_alpha=None):
+        if mix_alpha is not None:
+            raise ValueError(f"--mixup-beta works with --loss openclip only: {self.cfg.loss} keeps one estimator per "
+                             f"training pair, and a mixed sample is not one pair")
         with _no_autocast(image_features.device):
             return self._forward(image_features, text_features, logit_scale, keys)
 

@@ -7,6 +7,9 @@ the sample order to be a pure function of (seed, epoch, rank, worker, batch inde
   one sequence of N pairs. Each rank gets ``n = N // (world * batch)`` batches; rank r owns the contiguous range
   ``[r*n*b, (r+1)*n*b)`` and splits it into contiguous worker ranges of ``n//W`` or ``n//W + 1`` batches. Ranges are
   disjoint, so no pair is seen twice in an epoch, and fewer than ``world * batch`` pairs are left out (drop-last).
+* **debiased mode** (``--debiased-sampling``, ZeroVL): each set is split between ranks and workers as in concat mode,
+  and a seeded list identical on all ranks says which set each batch comes from (a shuffle of the multiset with
+  n_s = N_s // (world * batch) entries per set), so a global batch is single-source and every set is read once.
 * **weighted mode**: every (rank, worker) reads its own slice of each set in endless passes and draws each sample's set
   with probability proportional to its weight, from a seeded RNG.
 
@@ -256,6 +259,25 @@ def batches_done_by_worker(start_batch: int, workers: int, w: int) -> int:
     return max(0, (start_batch - w + workers - 1) // workers)
 
 
+def debiased_plan(batches_per_source: list[int], seed: int, epoch: int) -> list[int]:
+    """Debiased sampling (ZeroVL): the source of each of a rank's batches this epoch. A seeded shuffle of the multiset
+    {s repeated n_s times}: at every step a source is drawn with probability proportional to its remaining batches
+    (so to its size), every rank computes the same list, and each source is read exactly once per epoch."""
+    plan = [s for s, n in enumerate(batches_per_source) for _ in range(n)]
+    random.Random(_rng_seed(seed, epoch, 41)).shuffle(plan)
+    return plan
+
+
+def debiased_worker_share(plan: list[int], workers: int, w: int, source: int) -> tuple[int, int]:
+    """(batches before worker w, batches of worker w) among a rank's batches from ``source``: the rank's range of that
+    source is split between workers in worker order, each worker getting as many batches as it will produce."""
+    counts = [0] * workers
+    for j, s in enumerate(plan):
+        if s == source:
+            counts[j % workers] += 1
+    return sum(counts[:w]), counts[w]
+
+
 def shard_order(sets: list[ShardSet], seed: int, epoch: int, shuffle: bool) -> list[tuple[ShardSet, str, int]]:
     order = [(s, u, c) for s in sets for u, c in zip(s.urls, s.counts)]
     if shuffle:
@@ -313,6 +335,7 @@ class LoaderConfig:
     weights: list[float] | None = None
     num_samples: int | None = None   # per epoch, all ranks together
     max_bad_frac: float = 0.2
+    debiased: bool = False           # every batch from one source (same source on all ranks)
 
 
 @dataclass
@@ -369,11 +392,23 @@ class TrainStream(torch.utils.data.IterableDataset):
         if cfg.weights is None and self.num_samples > self.total_pairs:
             raise DataError(f"--train-num-samples {self.num_samples} exceeds the {self.total_pairs} pairs of "
                             f"--train-data; give --train-data-weights to sample with replacement")
+        self.plan = None
+        if cfg.debiased:
+            if cfg.weights is not None or cfg.num_samples is not None:
+                raise DataError("debiased sampling reads every set once per epoch by size; it does not combine "
+                                "with --train-data-weights or --train-num-samples")
+            per_source = [batches_per_rank(s.num_pairs, world, cfg.batch_size) for s in sets]
+            for s, n_s in zip(sets, per_source):
+                if n_s < 1:
+                    raise DataError(f"set {s.spec!r} has {s.num_pairs} pairs, less than one global batch of "
+                                    f"{world * cfg.batch_size}: debiased sampling needs a full batch from each set")
+            self.per_source = per_source
+            self.num_samples = sum(per_source) * world * cfg.batch_size
         self.n = batches_per_rank(self.num_samples, world, cfg.batch_size)
         if self.n < 1:
             raise DataError(f"{self.num_samples} samples per epoch make no full batch of {cfg.batch_size} per rank "
                             f"on {world} rank(s); lower --batch-size")
-        self.epoch, self.start_batch = 0, 0
+        self.set_epoch(0)
 
     @property
     def num_workers(self) -> int:
@@ -381,6 +416,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
+        if self.cfg.debiased:
+            self.plan = debiased_plan(self.per_source, self.cfg.seed, epoch)
 
     # -- raw streams ---------------------------------------------------------------------------------------------
     def _concat_stream(self, w: int, counter: "Tally"):
@@ -418,31 +455,51 @@ class TrainStream(torch.utils.data.IterableDataset):
             i = int(np.searchsorted(cum, rng.random(), side="right"))
             yield next(streams[min(i, len(streams) - 1)])
 
+    def _debiased_stream(self, w: int, source: int, counter: "Tally"):
+        sset = self.sets[source]
+        before, mine = debiased_worker_share(self.plan, self.num_workers, w, source)
+        b = self.cfg.batch_size
+        start = (self.rank * self.per_source[source] + before) * b
+        order = shard_order([sset], self.cfg.seed, self.epoch * 64 + sset.index, self.cfg.shard_shuffle)
+        yield from read_range(order, start, start + mine * b, counter)
+
+    def _refilled(self, make, w: int, tag: tuple = ()):
+        """Shuffled passes over one fixed range: refills for unusable samples come from the next pass."""
+        for p in range(1 << 30):
+            got = 0
+            for item in shuffle_buffer(make(), self.cfg.shuffle_buffer,
+                                       random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, p, 31, *tag))):
+                got += 1
+                yield item
+            if got == 0:
+                raise DataError(f"rank {self.rank} worker {w}: its shard range{' of set ' + str(tag[0] - 1) if tag else ''}"
+                                f" yielded no sample in epoch {self.epoch} (every shard unreadable?)")
+
     def _raw(self, w: int, counter: "Tally"):
         if self.cfg.weights is not None:
             yield from shuffle_buffer(self._weighted_stream(w, counter), self.cfg.shuffle_buffer,
                                       random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, 31)))
             return
-        # Concat mode: refills for unusable samples come from further passes over the same range (new shuffle).
-        for p in range(1 << 30):
-            got = 0
-            for item in shuffle_buffer(self._concat_stream(w, counter), self.cfg.shuffle_buffer,
-                                       random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, p, 31))):
-                got += 1
-                yield item
-            if got == 0:
-                raise DataError(f"rank {self.rank} worker {w}: its shard range yielded no sample in epoch "
-                                f"{self.epoch} (every shard unreadable?)")
+        yield from self._refilled(lambda: self._concat_stream(w, counter), w)
 
     # -- batches ---------------------------------------------------------------------------------------------------
     def _batches(self, w: int):
         """All batches of logical worker w for this epoch, as (batch_index, samples, bad Counter delta)."""
         counter = Tally()
-        raw = self._raw(w, counter)
         n_batches = worker_batches(self.n, self.num_workers, w)
+        if self.plan is None:
+            raw = self._raw(w, counter)
+        else:  # debiased: one lazily opened stream per source; batch j of the rank reads source plan[j]
+            streams = {}
         b = self.cfg.batch_size
         seen = bad = 0
         for j in range(n_batches):
+            if self.plan is not None:
+                src = self.plan[w + j * self.num_workers]
+                if src not in streams:
+                    streams[src] = self._refilled(
+                        lambda src=src: self._debiased_stream(w, src, counter), w, (src + 1,))
+                raw = streams[src]
             samples = []
             while len(samples) < b:
                 item, sset = next(raw)

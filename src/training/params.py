@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shuffle-buffer", type=int, default=2000, help="Sample shuffle buffer per worker (1: off).")
     d.add_argument("--no-shard-shuffle", action="store_true", help="Read shards in order (debugging).")
     d.add_argument("--no-augment", action="store_true", help="Disable flip / pad-crop / random erasing.")
+    d.add_argument("--debiased-sampling", action="store_true",
+                   help="ZeroVL debiased sampling: every global batch comes from one '::' set, drawn with probability "
+                        "proportional to its size (identically on all ranks); each set is read once per epoch.")
     d.add_argument("--max-bad-samples-frac", type=float, default=0.2,
                    help="Stop with an error when more than this share of the samples read in an epoch is unusable.")
 
@@ -61,12 +64,40 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--grad-clip-norm", type=float, default=None)
     o.add_argument("--precision", choices=["amp_bf16", "fp32"], default="amp_bf16",
                    help="amp_bf16 autocasts on CUDA; on CPU it falls back to fp32 (CPU bf16 autocast is slow).")
+    o.add_argument("--accum-freq", type=int, default=1,
+                   help="Decoupled gradient accumulation (DGA): split each per-rank batch into K chunks, forward them "
+                        "without gradients, take the loss on the whole batch, then re-forward chunk by chunk. Same "
+                        "gradient as one pass over --batch-size, memory of one chunk.")
+    o.add_argument("--dga-chunk-size", type=int, default=None,
+                   help="Alternative to --accum-freq: chunk size in samples (K = ceil(batch / size)).")
+    o.add_argument("--mixup-beta", type=float, default=0.0,
+                   help="Coin-flip mixup (ZeroVL): alpha ~ Beta(b, b); a fair coin mixes either the images or the "
+                        "text token embeddings with the reversed batch; soft targets. 0: off. --loss openclip only.")
     o.add_argument("--local-loss", action="store_true",
                    help="Each rank scores its own pairs against all gathered features (gradient through the gather).")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimizer steps; the lr schedule still spans --epochs (simulates a pre-emption).")
     o.add_argument("--max-nonfinite-steps", type=int, default=5,
                    help="Consecutive non-finite losses/gradients tolerated (each step skipped) before stopping.")
+
+    i = p.add_argument_group("identity loss and reference model")
+    i.add_argument("--id-loss", choices=["none", "arcface"], default="none",
+                   help="Add an identity classification loss on image and text embeddings (cosine classifier over "
+                        "the training split's person ids, shared by both modalities).")
+    i.add_argument("--id-loss-weight", type=float, default=1.0)
+    i.add_argument("--arcface-scale", type=float, default=30.0, help="s: logits are s * cos.")
+    i.add_argument("--arcface-margin", type=float, default=0.2, help="m: additive angular margin (radians).")
+    i.add_argument("--arcface-subcenters", type=int, default=1, help="K sub-centers per id (max over them).")
+    i.add_argument("--num-ids", type=int, default=None,
+                   help="Person ids of the training data (default: from manifest.json).")
+    i.add_argument("--ref-model", default=None, help="Reference (teacher) model name, e.g. ViT-B-32.")
+    i.add_argument("--ref-pretrained", default=None, help="Local weights file of the reference model.")
+    i.add_argument("--distill", choices=["none", "feature"], default="none",
+                   help="feature: (1-w)*loss + w*(|f_T,img - f_S,img|^2 + |f_T,txt - f_S,txt|^2).")
+    i.add_argument("--distill-weight", type=float, default=0.5, help="w of --distill.")
+    i.add_argument("--init-from-ref", action="store_true",
+                   help="Copy every reference parameter whose name and shape match into the student (logged).")
+    i.add_argument("--lock-logit-scale", action="store_true", help="Freeze the temperature (logit scale).")
 
     c = p.add_argument_group("checkpoints and logs")
     # --logs (open_clip's name) is an ambiguous abbreviation of torchrun's own --logs-specs, and torchrun rejects it
@@ -123,9 +154,46 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("--report-to", f"accepted values: tensorboard, none; got {args.report_to!r}")
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
         fail("--pretrained", f"{args.pretrained!r} is not a file (nothing is downloaded; pass a local weights file)")
-    from fast_clip.losses import LossConfig
+    if args.dga_chunk_size is not None:
+        if args.dga_chunk_size < 1:
+            fail("--dga-chunk-size", "must be >= 1")
+        if args.accum_freq != 1:
+            fail("--dga-chunk-size", "give either --accum-freq or --dga-chunk-size, not both")
+        args.accum_freq = -(-args.batch_size // args.dga_chunk_size)
+    if not 1 <= args.accum_freq <= args.batch_size:
+        fail("--accum-freq", f"must be in [1, --batch-size={args.batch_size}], got {args.accum_freq}")
+    if args.debiased_sampling and (args.train_data_weights or args.train_num_samples):
+        fail("--debiased-sampling", "reads each set once per epoch by size; drop --train-data-weights / "
+                                    "--train-num-samples")
+    if args.mixup_beta < 0:
+        fail("--mixup-beta", "must be >= 0")
+    if args.mixup_beta and (args.id_loss != "none" or args.distill != "none"):
+        fail("--mixup-beta", "mixed samples have no single identity or teacher feature; not with --id-loss / --distill")
+    if args.id_loss != "none":
+        if args.arcface_scale <= 0:
+            fail("--arcface-scale", "must be > 0")
+        if not 0 <= args.arcface_margin < 3.14159:
+            fail("--arcface-margin", "must be in [0, pi) radians")
+        if args.arcface_subcenters < 1:
+            fail("--arcface-subcenters", "must be >= 1")
+        if args.id_loss_weight < 0:
+            fail("--id-loss-weight", "must be >= 0")
+    if args.num_ids is not None and args.num_ids < 1:
+        fail("--num-ids", "must be >= 1")
+    if (args.distill != "none" or args.init_from_ref) and not args.ref_model:
+        fail("--ref-model", "needed by --distill / --init-from-ref")
+    if args.ref_model and not args.ref_pretrained:
+        fail("--ref-pretrained", "a reference model needs its local weights file (nothing is downloaded)")
+    if args.ref_pretrained is not None and not os.path.isfile(args.ref_pretrained):
+        fail("--ref-pretrained", f"{args.ref_pretrained!r} is not a file")
+    if not 0 <= args.distill_weight <= 1:
+        fail("--distill-weight", "must be in [0, 1]")
+    from fast_clip.losses import LOSSES, LossConfig
     try:
         args.loss_config = LossConfig.from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.mixup_beta and not LOSSES[args.loss_config.loss].supports_mixup:
+        fail("--mixup-beta", f"works with --loss openclip only (got {args.loss_config.loss}: the FastCLIP losses keep "
+                             f"one estimator per training pair, and a mixed sample is not one pair)")
     return args

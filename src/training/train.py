@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from training import distributed as dist_utils
+from training.dga import forward_backward
+from training.objective import draw_mix
 from training.optim import lr_at, set_lr
 
 # open_clip clamps the learned logit scale at ln(100) (temperature >= 0.01) to keep the softmax stable.
@@ -43,28 +44,24 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def autocast_for(device: torch.device, precision: str):
-    if precision == "amp_bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def unwrap(model):
-    return getattr(model, "module", model)
+    """The module under DDP / torch.compile wrappers (a TrainModule or an open_clip model)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
-def train_step(model, loss_fn, optimizer, batch: dict, device: torch.device, precision: str = "fp32",
-               grad_clip_norm: float | None = None) -> dict:
-    """Forward, loss, backward, optimizer step. Returns scalars; ``skipped`` is True when the loss or the gradient was
-    not finite (then no parameter changes). Gradients are all-reduced by DDP, so every rank takes the same decision."""
-    images = batch["images"].to(device, non_blocking=True)
-    texts = batch["texts"].to(device, non_blocking=True)
-    keys = batch["keys"].to(device, non_blocking=True)
-    with autocast_for(device, precision):
-        image_features, text_features, logit_scale = model(images, texts)
-    loss, metrics = loss_fn(image_features.float(), text_features.float(), logit_scale.float(), keys)
+def train_step(model, objective, optimizer, batch: dict, device: torch.device, precision: str = "fp32",
+               grad_clip_norm: float | None = None, accum_chunks: int = 1, mix=None) -> dict:
+    """Forward, loss, backward (in ``accum_chunks`` DGA chunks), optimizer step. Returns scalars; ``skipped`` is True
+    when the loss or the gradient was not finite (then no parameter changes). Gradients are all-reduced by DDP, so
+    every rank takes the same decision."""
+    batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    teacher = objective.teacher_features(batch["images"], batch["texts"], accum_chunks)
+    loss, metrics = forward_backward(model, objective, batch, device, precision, accum_chunks, mix, teacher)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm else float("inf"))
     loss_value, grad_norm_value = float(loss.detach()), float(grad_norm)
@@ -76,11 +73,20 @@ def train_step(model, loss_fn, optimizer, batch: dict, device: torch.device, pre
     if scale.requires_grad:
         with torch.no_grad():
             scale.clamp_(0, MAX_LOGIT_SCALE)
-    return {"loss": loss_value, "grad_norm": grad_norm_value, "skipped": False,
-            "logit_scale": float(scale.detach().exp()), **metrics}
+    out = {"loss": loss_value, "grad_norm": grad_norm_value, "skipped": False,
+           "logit_scale": float(scale.detach().exp()), **metrics}
+    if mix is not None:
+        out["mix_alpha"] = mix.alpha
+    return out
 
 
-def train_one_epoch(model, loss_fn, optimizer, loader, state: TrainState, cfg, hooks) -> bool:
+def _memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
+def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg, hooks) -> bool:
     """Consume the rest of the epoch ``state.epoch``. ``hooks`` provides log(step, values), save(state),
     log_keys(state, keys) and stop_requested(). Returns False when training must stop (max steps)."""
     device = dist_utils.env().device
@@ -94,11 +100,13 @@ def train_one_epoch(model, loss_fn, optimizer, loader, state: TrainState, cfg, h
         data_time = time.perf_counter() - t_data
         lr = lr_at(state.global_step, cfg.lr, cfg.warmup, total_steps, cfg.lr_scheduler)
         tau_now = 1.0 / float(unwrap(model).logit_scale.detach().exp())
-        set_lr(optimizer, lr, loss_fn.temperature_lr(lr, tau_now))
+        set_lr(optimizer, lr, objective.loss_fn.temperature_lr(lr, tau_now))
         # Per-step seeding keeps dropout and any other main-process randomness identical after a resume.
         torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 101 + dist_utils.rank())
         t0 = time.perf_counter()
-        out = train_step(model, loss_fn, optimizer, batch, device, cfg.precision, cfg.grad_clip_norm)
+        mix = draw_mix(cfg.mixup_beta, cfg.seed, state.global_step)
+        out = train_step(model, objective, optimizer, batch, device, cfg.precision, cfg.grad_clip_norm,
+                         cfg.accum_chunks, mix)
         step_time = time.perf_counter() - t0
         hooks.log_keys(state, batch["keys"])
         state.bad_samples.update(batch.get("bad", {}))
@@ -125,7 +133,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, state: TrainState, cfg, h
             hooks.log(state, {**{k: v for k, v in out.items() if k != "skipped"}, "lr": lr,
                               "samples_per_s": window["samples"] / max(elapsed, 1e-9),
                               "data_time_share": window["data"] / max(elapsed, 1e-9),
-                              "skipped_steps": state.nonfinite_total})
+                              "skipped_steps": state.nonfinite_total, **_memory(device)})
             window = {"data": 0.0, "step": 0.0, "samples": 0}
         if cfg.save_every and state.global_step % cfg.save_every == 0 and state.batch_in_epoch < cfg.batches_per_epoch:
             hooks.save(state)
