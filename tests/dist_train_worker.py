@@ -1,5 +1,6 @@
 """Run under torchrun (or plain python): two optimizer steps of the real trainer step on a fixed global batch, each
-rank taking its slice, and rank 0 saving the parameters and the loss state. The test compares 1 and 2 processes."""
+rank taking its slice, and rank 0 saving the parameters, the loss state and the number of gradient all-reduce calls
+per step. The test compares 1 and 2 processes, with and without DGA chunks (``--accum-freq``)."""
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from fast_clip.model import create_model, get_tokenizer
 from training import distributed as du
 from training.optim import build_optimizer, set_lr
 from training.params import parse_args
+from training.objective import Objective, TrainModule
 from training.train import train_step
 
 out_path, loss_name = sys.argv[1], sys.argv[2]
@@ -27,8 +29,28 @@ if loss_fn.initial_logit_scale() is not None:
         model.logit_scale.fill_(loss_fn.initial_logit_scale())
 model.logit_scale.requires_grad_(loss_fn.learns_model_temperature)
 loss_fn.set_epoch(1)  # past epoch 0 so that the estimators' moving average (gamma < 1) is exercised
-opt = build_optimizer(model, lr=1e-3, wd=0.1)
-ddp = torch.nn.parallel.DistributedDataParallel(model) if env.distributed else model
+
+id_head, id_cfg = None, None
+if args.id_loss == "arcface":  # 8 identities: pid = key // 4
+    from fast_clip.id_head import ArcFaceHead
+    from training.objective import IdLossConfig
+    id_head = ArcFaceHead(8, model.visual.output_dim, subcenters=args.arcface_subcenters)
+    id_cfg = IdLossConfig(args.id_loss_weight, args.arcface_scale, args.arcface_margin)
+module = TrainModule(model, id_head)
+opt = build_optimizer(module, lr=1e-3, wd=0.1)
+objective = Objective(loss_fn, id_cfg)
+reduce_calls = []
+if env.distributed:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    ddp = torch.nn.parallel.DistributedDataParallel(module)
+
+    def counting_hook(state, bucket):  # the default all-reduce, counted
+        reduce_calls[-1] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+else:
+    ddp = module
 tok = get_tokenizer("PersonTiny")
 colours = ["red", "blue", "green", "black", "white", "pink", "grey", "yellow"]
 for step in range(STEPS):
@@ -37,10 +59,12 @@ for step in range(STEPS):
     texts = tok([f"a person in a {colours[(i + step) % 8]} coat and {colours[(3 * i) % 8]} shoes" for i in range(B)])
     keys = torch.randperm(32, generator=g)[:B]
     lo, hi = env.rank * B // env.world_size, (env.rank + 1) * B // env.world_size
-    batch = {"images": images[lo:hi], "texts": texts[lo:hi], "keys": keys[lo:hi]}
+    batch = {"images": images[lo:hi], "texts": texts[lo:hi], "keys": keys[lo:hi], "pids": keys[lo:hi] // 4}
     set_lr(opt, 1e-3, loss_fn.temperature_lr(1e-3, float(1 / model.logit_scale.exp())))
-    out = train_step(ddp, loss_fn, opt, batch, env.device)
+    reduce_calls.append(0)
+    out = train_step(ddp, objective, opt, batch, env.device, accum_chunks=args.accum_freq)
     assert not out["skipped"], out
 if env.is_main:
-    torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict()}, out_path)
+    torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict(), "reduce_calls": reduce_calls,
+                "id_head": id_head.state_dict() if id_head is not None else None}, out_path)
 du.destroy_distributed()

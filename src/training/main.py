@@ -21,6 +21,7 @@ from training import checkpoint as ckpt_lib
 from training import distributed as dist_utils
 from training.data import DataError, LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets
 from training.logger import RunLogger
+from training.objective import IdLossConfig, Objective, TrainModule
 from training.optim import build_optimizer
 from training.params import parse_args
 from training.train import NonFiniteError, TrainState, train_one_epoch, unwrap
@@ -38,6 +39,7 @@ class RunConfig:
         self.seed, self.precision, self.grad_clip_norm = args.seed, args.precision, args.grad_clip_norm
         self.log_every, self.save_every, self.max_steps = args.log_every_n_steps, args.save_every_n_steps, args.max_steps
         self.max_nonfinite_steps = args.max_nonfinite_steps
+        self.accum_chunks, self.mixup_beta = args.accum_freq, args.mixup_beta
 
 
 def _settings(args) -> dict:
@@ -72,8 +74,9 @@ def _prepare_run_dir(args) -> str:
 class Hooks:
     """What the epoch loop calls back into: logging, checkpointing, key audit."""
 
-    def __init__(self, args, run_dir, logger: RunLogger, model, optimizer, loss_fn, stream):
+    def __init__(self, args, run_dir, logger: RunLogger, model, optimizer, loss_fn, stream, id_head=None):
         self.args, self.run_dir, self.logger = args, run_dir, logger
+        self.id_head = id_head
         self.model, self.optimizer, self.loss_fn, self.stream = model, optimizer, loss_fn, stream
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         self._keys_file = None
@@ -107,6 +110,8 @@ class Hooks:
             "optimizer": self.optimizer.state_dict(),
             "scaler": None,  # bf16 autocast needs no loss scaler; the slot keeps the format stable
             "loss": self.loss_fn.state_dict(),
+            # Kept beside (not inside) state_dict so that open_clip still loads the checkpoint as a plain model.
+            "id_head": self.id_head.state_dict() if self.id_head is not None else None,
             "train_state": state.to_dict(),
             "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": self.args.seed,
                      "world_size": dist_utils.world_size(), "workers": self.args.workers,
@@ -151,6 +156,10 @@ def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState
     unwrap(model).load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     loss_fn.load_state_dict(ckpt["loss"])
+    if hooks.id_head is not None:
+        if ckpt.get("id_head") is None:
+            raise ckpt_lib.CheckpointError(f"{path} has no identity head; it was written without --id-loss")
+        hooks.id_head.load_state_dict(ckpt["id_head"])
     ckpt_lib.set_rng_state(ckpt["rng"])
     state = TrainState.from_dict(ckpt["train_state"])
     per_rank = ckpt.get("per_rank_counts") or []
@@ -215,8 +224,16 @@ def _train(args, denv) -> int:
     if init_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(init_scale)
-    model.logit_scale.requires_grad_(loss_fn.learns_model_temperature)
-    optimizer = build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+    teacher = _reference_model(args, model, run_dir, logger, denv)
+    model.logit_scale.requires_grad_(loss_fn.learns_model_temperature and not args.lock_logit_scale)
+    id_head = _id_head(args, model, sets, logger, denv)
+    module = TrainModule(model, id_head)
+    # Parameter order is the open_clip model's, then the head's: optimizer states of runs without a head still load.
+    optimizer = build_optimizer(module, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+    objective = Objective(loss_fn,
+                          IdLossConfig(args.id_loss_weight, args.arcface_scale, args.arcface_margin)
+                          if id_head is not None else None,
+                          teacher=teacher if args.distill == "feature" else None, distill_weight=args.distill_weight)
 
     tokenizer = get_tokenizer(args.model)
     decoder = SampleDecoder(transform=build_transform(args.image_size, train=not args.no_augment),
@@ -226,23 +243,26 @@ def _train(args, denv) -> int:
                                             shuffle_buffer=args.shuffle_buffer,
                                             shard_shuffle=not args.no_shard_shuffle, weights=weights,
                                             num_samples=args.train_num_samples,
-                                            max_bad_frac=args.max_bad_samples_frac),
+                                            max_bad_frac=args.max_bad_samples_frac,
+                                            debiased=args.debiased_sampling),
                          decoder, tokenizer, denv.rank, denv.world_size)
-    hooks = Hooks(args, run_dir, logger, model, optimizer, loss_fn, stream)
+    hooks = Hooks(args, run_dir, logger, model, optimizer, loss_fn, stream, id_head)
     try:
         state = _resume(args, hooks, model, optimizer, loss_fn, logger)
     except ckpt_lib.CheckpointError as e:
         raise SystemExit(f"error: {e}")
 
-    train_model = model
+    train_model = module
     if denv.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[denv.device.index] if denv.device.type == "cuda" else None)
+            module, device_ids=[denv.device.index] if denv.device.type == "cuda" else None)
     if args.torchcompile:
         train_model = torch.compile(train_model)
     cfg = RunConfig(args, stream.n)
     logger.info(f"{stream.n} batches of {args.batch_size} per rank per epoch "
-                f"(global batch {args.batch_size * denv.world_size}); {cfg.total_steps} steps in all")
+                f"(global batch {args.batch_size * denv.world_size}"
+                f"{f', DGA in {args.accum_freq} chunks' if args.accum_freq > 1 else ''}"
+                f"{', debiased sampling' if args.debiased_sampling else ''}); {cfg.total_steps} steps in all")
 
     hooks.model = model
     status = "finished"
@@ -255,7 +275,7 @@ def _train(args, denv) -> int:
                 from tqdm import tqdm
                 loader = tqdm(loader, total=stream.n - state.batch_in_epoch, desc=f"epoch {state.epoch}",
                               unit="batch", leave=False, dynamic_ncols=True)
-            go_on = train_one_epoch(train_model, loss_fn, optimizer, loader, state, cfg, hooks)
+            go_on = train_one_epoch(train_model, objective, optimizer, loader, state, cfg, hooks)
             if not go_on:
                 hooks.save(state)
                 status = "stopped at --max-steps"
@@ -283,6 +303,56 @@ def _train(args, denv) -> int:
     hooks.close()
     logger.close()
     return 0
+
+
+def _reference_model(args, student, run_dir, logger, denv):
+    """The frozen teacher of --distill, and --init-from-ref's copy of matching tensors into the student."""
+    if not args.ref_model:
+        return None
+    from fast_clip.distill import init_from_ref
+    from fast_clip.model import WeightsFileError, create_model, get_tokenizer
+    try:
+        teacher = create_model(args.ref_model, pretrained=args.ref_pretrained, image_size=args.image_size,
+                               device=denv.device)
+    except (WeightsFileError, ValueError) as e:
+        raise SystemExit(f"error: --ref-model {args.ref_model} / --ref-pretrained {args.ref_pretrained}: {e}")
+    if args.distill == "feature":
+        # The teacher reads the student's token ids, so both must share the tokenizer.
+        t_tok, s_tok = get_tokenizer(args.ref_model), get_tokenizer(args.model)
+        if getattr(t_tok, "context_length", None) != getattr(s_tok, "context_length", None) or \
+                getattr(t_tok, "vocab_size", None) != getattr(s_tok, "vocab_size", None):
+            raise SystemExit(f"error: --distill feature needs the same tokenizer for --ref-model {args.ref_model} "
+                             f"and --model {args.model}")
+    teacher.eval().requires_grad_(False)
+    logger.info(f"reference model {args.ref_model} from {args.ref_pretrained} (frozen)")
+    if args.init_from_ref:
+        report = init_from_ref(student, teacher)
+        logger.info(f"--init-from-ref: copied {len(report['copied'])} tensors; not copied: "
+                    f"{len(report['shape_mismatch'])} with another shape, {len(report['missing_in_teacher'])} "
+                    f"absent from the reference (list in {run_dir}/init_from_ref.json)")
+        if denv.is_main:
+            with open(os.path.join(run_dir, "init_from_ref.json"), "w") as f:
+                json.dump(report, f, indent=1, default=str)
+    if args.distill != "feature":
+        del teacher
+        return None
+    return teacher
+
+
+def _id_head(args, model, sets, logger, denv):
+    if args.id_loss == "none":
+        return None
+    from fast_clip.id_head import ArcFaceHead
+    num_ids = args.num_ids
+    if num_ids is None:
+        if any(s.split_ids is None for s in sets):
+            raise SystemExit("error: --id-loss needs the number of person ids: no manifest.json beside "
+                             f"{[s.spec for s in sets if s.split_ids is None]}; give --num-ids")
+        num_ids = sum(s.split_ids for s in sets)
+    dim = model.visual.output_dim
+    logger.info(f"identity loss: ArcFace over {num_ids} ids, dim {dim}, s {args.arcface_scale}, "
+                f"m {args.arcface_margin}, {args.arcface_subcenters} sub-center(s), weight {args.id_loss_weight}")
+    return ArcFaceHead(num_ids, dim, subcenters=args.arcface_subcenters).to(denv.device)
 
 
 def _validate(args, model, tokenizer, state, logger) -> None:
