@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Export a training run's image and text encoders to ONNX (dynamic batch) and check them against PyTorch with
+# onnxruntime. See docs/EVAL.md, "Export to ONNX".
+#   bash scripts/export_onnx.sh RUN_DIR [--epoch N] [--out DIR] [--opset 17] [--batch-check 3] [--atol 1e-4]
+#   bash scripts/export_onnx.sh --pretrained FILE --model NAME [--image-size H W] --out DIR
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -x "$ROOT/.venv/bin/python" ]]; then
+    PY="$ROOT/.venv/bin/python"
+else
+    PY="python3"
+fi
+export PYTHONPATH="$ROOT/src:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" -m evaluation.export_onnx "$@"
