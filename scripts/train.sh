@@ -6,7 +6,8 @@
 # Environment: EFFECTIVE_BATCH_SIZE (required), NPROC (processes per node; default: the number of CUDA_VISIBLE_DEVICES,
 # else the GPUs nvidia-smi lists, else 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500;
 # single-node runs without it pick a free port), MAX_RESTARTS (0: torchrun restarts the job this often, and the
-# trainer resumes from latest.pt when --resume latest is passed), DRY_RUN=1 prints the command instead of running it.
+# trainer resumes from latest.pt when --resume latest is passed), ACCUM_FREQ (1: each process's batch is split into this
+# many DGA chunks, same gradient as one pass, memory of one chunk), DRY_RUN=1 prints the command instead of running it.
 # Every other argument is passed to the trainer unchanged; --batch-size is computed here and may not be given.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +22,7 @@ args=()
 for a in "$@"; do
   case "$a" in
     --batch-size|--batch-size=*) die "do not pass --batch-size: it is EFFECTIVE_BATCH_SIZE / processes";;
+    --accum-freq|--accum-freq=*) die "set ACCUM_FREQ instead of --accum-freq";;
     # torchrun would reject --logs as an abbreviation of its own --logs-specs.
     --logs) args+=(--logs-dir);;
     --logs=*) args+=("--logs-dir=${a#--logs=}");;
@@ -47,6 +49,10 @@ per=$((EFFECTIVE_BATCH_SIZE / world))
 [ "$per" -ge 1 ] || die "EFFECTIVE_BATCH_SIZE=$EFFECTIVE_BATCH_SIZE is below 1 per process for $world processes ($nproc per node x $nnodes nodes)"
 [ $((per * world)) -eq "$EFFECTIVE_BATCH_SIZE" ] || die "EFFECTIVE_BATCH_SIZE=$EFFECTIVE_BATCH_SIZE does not divide over $world processes ($nproc per node x $nnodes nodes); use a multiple of $world"
 
+accum="${ACCUM_FREQ:-1}"
+is_int "$accum" && [ "$accum" -ge 1 ] || die "ACCUM_FREQ='$accum' must be a whole number >= 1"
+[ "$accum" -le "$per" ] || die "ACCUM_FREQ=$accum is more chunks than the $per samples per process"
+
 # Static rendezvous (explicit address and port) rather than --standalone: with torch 2.14 the standalone c10d
 # rendezvous leaves restarted ranks hanging in init_process_group after a rank was killed (MAX_RESTARTS > 0).
 port="${MASTER_PORT:-}"
@@ -59,8 +65,8 @@ if [ -z "$port" ]; then
 fi
 launch=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" --max-restarts "${MAX_RESTARTS:-0}"
         --node_rank "$node_rank" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port")
-cmd=("${launch[@]}" "$root/src/training/main.py" --batch-size "$per" ${args[@]+"${args[@]}"})
-echo "train.sh: $world process(es) x batch $per = effective batch $EFFECTIVE_BATCH_SIZE" >&2
+cmd=("${launch[@]}" "$root/src/training/main.py" --batch-size "$per" --accum-freq "$accum" ${args[@]+"${args[@]}"})
+echo "train.sh: $world process(es) x batch $per = effective batch $EFFECTIVE_BATCH_SIZE$([ "$accum" -gt 1 ] && echo " (DGA: $accum chunks of ~$(( (per + accum - 1) / accum )))")" >&2
 if [ "${DRY_RUN:-0}" = "1" ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0

@@ -39,7 +39,7 @@ def test_id_loss_run_logs_it_and_resumes_with_the_head(tmp_path, tiny_shards):
     for k, v in full["state_dict"].items():
         torch.testing.assert_close(cut["state_dict"][k], v, rtol=0, atol=0)
     logs = [json.loads(l) for l in open(tmp_path / "full" / "train_log.jsonl") if '"train"' in l]
-    assert all("id_loss" in r and "id_acc" in r for r in logs)
+    assert all("id_loss" in r and "id_acc_img" in r and "id_acc_txt" in r for r in logs)
 
 
 def test_reference_model_init_distill_and_locked_temperature(tmp_path, tiny_shards):

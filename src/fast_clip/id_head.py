@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ArcFaceHead", "arcface_logits", "arcface_loss", "id_loss", "count_ids", "check_labels"]
+__all__ = ["ArcFaceHead", "arcface_logits", "arcface_loss", "id_loss", "id_loss_from_cos", "count_ids", "check_labels"]
 
 # sin(theta) = sqrt(1 - c^2) has an infinite derivative at c = +-1; cos is clamped to [-1+eps, 1-eps] inside the sqrt.
 COS_EPS = 1e-6
@@ -172,7 +172,12 @@ def id_loss(head: ArcFaceHead, image_features: torch.Tensor, text_features: torc
     if image_features.shape[0] != text_features.shape[0] or image_features.shape[0] != labels.shape[0]:
         raise ValueError(f"id_loss: batch sizes differ: image {image_features.shape[0]}, text "
                          f"{text_features.shape[0]}, labels {labels.shape[0]}")
-    cos_img, cos_txt = head(image_features), head(text_features)
+    return id_loss_from_cos(head(image_features), head(text_features), labels, scale, margin)
+
+
+def id_loss_from_cos(cos_img: torch.Tensor, cos_txt: torch.Tensor, labels: torch.Tensor, scale: float,
+                     margin: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`id_loss` from the head's cosines (the trainer computes them inside the model's forward, for DDP)."""
     loss_img = arcface_loss(cos_img, labels, scale, margin)
     loss_txt = arcface_loss(cos_txt, labels, scale, margin)
     loss = 0.5 * (loss_img + loss_txt)

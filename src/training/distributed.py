@@ -54,9 +54,31 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
         dev = torch.device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        store = _attempt_store(world_size)
+        if store is None:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     _ENV = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
     return _ENV
+
+
+def _attempt_store(world_size: int):
+    """The torchrun agent's store, with a key prefix per restart attempt (None: let env:// build the store).
+
+    With a static rendezvous (--master_addr/--master_port, as scripts/train.sh launches) the agent keeps one TCPStore
+    for the whole job, and torch's env:// handler connects every attempt to it without a per-attempt prefix (it
+    assumes a fresh store per retry). After a rank dies and torchrun restarts the group, the new processes then meet
+    the dead attempt's keys (gloo/nccl peer addresses, barrier counters) and can wait forever in
+    init_process_group. Prefixing the keys with TORCHELASTIC_RESTART_COUNT gives every attempt a clean namespace.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                           timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"fastclip/attempt_{restart}", client)
 
 
 def destroy_distributed() -> None:

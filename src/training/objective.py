@@ -131,17 +131,12 @@ class Objective:
                                      _f32(out["logit_scale"]), batch["keys"], **kw)
         metrics = dict(metrics)
         if self.id_loss is not None:
-            from fast_clip.id_head import arcface_loss
-            labels = batch["pids"]
+            from fast_clip.id_head import id_loss_from_cos
             c = self.id_loss
-            l_img = arcface_loss(_f32(out["image_id_cos"]), labels, c.scale, c.margin)
-            l_txt = arcface_loss(_f32(out["text_id_cos"]), labels, c.scale, c.margin)
-            id_term = 0.5 * (l_img + l_txt)
+            id_term, id_metrics = id_loss_from_cos(_f32(out["image_id_cos"]), _f32(out["text_id_cos"]),
+                                                   batch["pids"], c.scale, c.margin)
             loss = loss + c.weight * id_term
-            metrics["id_loss"] = float(id_term.detach())
-            with torch.no_grad():
-                metrics["id_acc"] = float(0.5 * ((out["image_id_cos"].argmax(1) == labels).float().mean()
-                                                 + (out["text_id_cos"].argmax(1) == labels).float().mean()))
+            metrics.update(id_metrics, id_loss=float(id_term.detach()))
         if teacher is not None:
             from fast_clip.distill import combine, feature_distill_loss
             d, _ = feature_distill_loss(_f32(out["image_features"]), _f32(out["text_features"]),
