@@ -53,8 +53,9 @@ accum="${ACCUM_FREQ:-1}"
 is_int "$accum" && [ "$accum" -ge 1 ] || die "ACCUM_FREQ='$accum' must be a whole number >= 1"
 [ "$accum" -le "$per" ] || die "ACCUM_FREQ=$accum is more chunks than the $per samples per process"
 
-# Static rendezvous (explicit address and port) rather than --standalone: with torch 2.14 the standalone c10d
-# rendezvous leaves restarted ranks hanging in init_process_group after a rank was killed (MAX_RESTARTS > 0).
+# Static rendezvous (explicit address and port, a free one on a single node) rather than --standalone: one code path
+# for one and several nodes. Restarts (MAX_RESTARTS > 0) work with both; see training/distributed.py for why the
+# trainer prefixes the rendezvous store's keys per attempt.
 port="${MASTER_PORT:-}"
 if [ -z "$port" ]; then
   if [ "$nnodes" -eq 1 ]; then
