@@ -19,18 +19,24 @@ import torch  # noqa: E402
 
 from fast_clip.model import get_tokenizer  # noqa: E402
 from training.data import LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets  # noqa: E402
+from training.device_augment import DeviceAugment  # noqa: E402
 from training.transforms import build_transform, clean_caption  # noqa: E402
 
 
-def ours(shards, image_size, batch, workers, max_batches):
+def ours(shards, image_size, batch, workers, max_batches, uint8=False):
+    """uint8: the loader only decodes + resizes (--augment-device device); the batched augmentation is then timed
+    in the main process too (on CPU here; on a GPU it is a few kernels)."""
     sets = load_train_sets(shards)
-    dec = SampleDecoder(build_transform(image_size, train=True), clean_caption)
+    dec = SampleDecoder(build_transform(image_size, train=not uint8, uint8=uint8), clean_caption)
+    aug = DeviceAugment(image_size, train=True) if uint8 else None
     stream = TrainStream(sets, LoaderConfig(batch_size=batch, workers=workers, seed=0), dec,
                          get_tokenizer("PersonTiny"), rank=0, world=1)
     stream.set_epoch(0)
     n = min(max_batches, stream.n)
     t0, seen = None, 0
     for i, b in enumerate(build_train_loader(stream, pin_memory=False)):
+        if aug is not None:
+            aug(b["images"], torch.Generator().manual_seed(i))
         if i == 0:
             t0 = time.perf_counter()  # first batch includes worker start-up and buffer fill; not counted
             continue
@@ -79,8 +85,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for w in a.workers:
         o = ours(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches)
+        u = ours(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches, uint8=True)
         p = peer(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches)
-        print(f"| ours (TrainStream) | {w} | {o:,.0f} | {o / p:.2f} |")
+        print(f"| ours, augment in the loader (float batches) | {w} | {o:,.0f} | {o / p:.2f} |")
+        print(f"| ours, uint8 batches + batched augmentation (CPU main process) | {w} | {u:,.0f} | {u / p:.2f} |")
         print(f"| peer (webdataset pipeline) | {w} | {p:,.0f} | |")
     if a.consumption:
         print(f"| trainer consumption | | {a.consumption:,.0f} | |")

@@ -72,7 +72,7 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
     class Cfg:
         batches_per_epoch, total_steps, lr, warmup, lr_scheduler, seed = 10, 10, 1e-3, 0, "cosine", 0
         precision, grad_clip_norm, log_every, save_every, max_steps, max_nonfinite_steps = "fp32", None, 100, 0, None, 3
-        accum_chunks, mixup_beta = 1, 0.0
+        accum_chunks, mixup_beta, device_augment = 1, 0.0, None
 
     saved, warnings = [], []
 

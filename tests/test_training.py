@@ -132,10 +132,12 @@ def _args(shards, logs, name, *extra):
             "--loss", "fastclip-v3", *extra]
 
 
-def test_stop_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards):
-    run_main(*_args(tiny_shards, tmp_path, "full"))
-    run_main(*_args(tiny_shards, tmp_path, "cut", "--max-steps", 5))
-    run_main(*_args(tiny_shards, tmp_path, "cut", "--resume", "latest"))
+@pytest.mark.parametrize("augment", ["loader", "device"])
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, augment):
+    aug = ["--augment-device", augment]
+    run_main(*_args(tiny_shards, tmp_path, "full", *aug))
+    run_main(*_args(tiny_shards, tmp_path, "cut", "--max-steps", 5, *aug))
+    run_main(*_args(tiny_shards, tmp_path, "cut", "--resume", "latest", *aug))
     _assert_same_run(_final_params(tmp_path / "full"), _final_params(tmp_path / "cut"))
     keys = lambda n: [json.loads(l)["keys"] for l in open(tmp_path / n / "keys_rank0.jsonl")]
     assert keys("full") == keys("cut")

@@ -40,6 +40,7 @@ class RunConfig:
         self.log_every, self.save_every, self.max_steps = args.log_every_n_steps, args.save_every_n_steps, args.max_steps
         self.max_nonfinite_steps = args.max_nonfinite_steps
         self.accum_chunks, self.mixup_beta = args.accum_freq, args.mixup_beta
+        self.device_augment = None  # set by _train when --augment-device resolves to 'device'
 
 
 def _settings(args) -> dict:
@@ -236,7 +237,8 @@ def _train(args, denv) -> int:
                           teacher=teacher if args.distill == "feature" else None, distill_weight=args.distill_weight)
 
     tokenizer = get_tokenizer(args.model)
-    decoder = SampleDecoder(transform=build_transform(args.image_size, train=not args.no_augment),
+    on_device = args.augment_device == "device" or (args.augment_device == "auto" and denv.device.type == "cuda")
+    decoder = SampleDecoder(transform=build_transform(args.image_size, train=not args.no_augment, uint8=on_device),
                             clean=clean_caption)
     weights = [float(x) for x in args.train_data_weights.split("::")] if args.train_data_weights else None
     stream = TrainStream(sets, LoaderConfig(batch_size=args.batch_size, workers=args.workers, seed=args.seed,
@@ -259,6 +261,11 @@ def _train(args, denv) -> int:
     if args.torchcompile:
         train_model = torch.compile(train_model)
     cfg = RunConfig(args, stream.n)
+    if on_device:
+        from training.device_augment import DeviceAugment
+        cfg.device_augment = DeviceAugment(args.image_size, train=not args.no_augment)
+    logger.info(f"augmentation: {'batched on ' + str(denv.device) if on_device else 'per sample in the loader'}"
+                f"{' (flip, pad-crop, erasing off)' if args.no_augment else ''}")
     logger.info(f"{stream.n} batches of {args.batch_size} per rank per epoch "
                 f"(global batch {args.batch_size * denv.world_size}"
                 f"{f', DGA in {args.accum_freq} chunks' if args.accum_freq > 1 else ''}"

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shuffle-buffer", type=int, default=2000, help="Sample shuffle buffer per worker (1: off).")
     d.add_argument("--no-shard-shuffle", action="store_true", help="Read shards in order (debugging).")
     d.add_argument("--no-augment", action="store_true", help="Disable flip / pad-crop / random erasing.")
+    d.add_argument("--augment-device", choices=["auto", "loader", "device"], default="auto",
+                   help="Where flip / pad-crop / normalisation / erasing run: 'loader' (per sample in the data "
+                        "workers) or 'device' (workers only decode + resize and ship uint8; the batch is augmented on "
+                        "the accelerator). auto: device on CUDA, loader on CPU.")
     d.add_argument("--debiased-sampling", action="store_true",
                    help="ZeroVL debiased sampling: every global batch comes from one '::' set, drawn with probability "
                         "proportional to its size (identically on all ranks); each set is read once per epoch.")

@@ -104,6 +104,11 @@ def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg,
         # Per-step seeding keeps dropout and any other main-process randomness identical after a resume.
         torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 101 + dist_utils.rank())
         t0 = time.perf_counter()
+        if cfg.device_augment is not None:
+            # seeded per (step, rank): a resumed run augments its batches identically
+            g = torch.Generator(device=device)
+            g.manual_seed(cfg.seed * 1_000_003 + state.global_step * 101 + dist_utils.rank() + 17)
+            batch = dict(batch, images=cfg.device_augment(batch["images"].to(device, non_blocking=True), g))
         mix = draw_mix(cfg.mixup_beta, cfg.seed, state.global_step)
         out = train_step(model, objective, optimizer, batch, device, cfg.precision, cfg.grad_clip_norm,
                          cfg.accum_chunks, mix)

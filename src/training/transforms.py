@@ -15,9 +15,13 @@ from torchvision.transforms import InterpolationMode
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 
-def build_transform(image_size: tuple[int, int], train: bool, pad: int = 10, erase_p: float = 0.5):
-    """PIL image -> normalised float tensor [3, H, W]."""
+def build_transform(image_size: tuple[int, int], train: bool, pad: int = 10, erase_p: float = 0.5,
+                    uint8: bool = False):
+    """PIL image -> normalised float tensor [3, H, W]; with ``uint8`` only decode + resize to a uint8 tensor (the
+    augmentation and normalisation then run batched on the accelerator: training/device_augment.py)."""
     h, w = int(image_size[0]), int(image_size[1])
+    if uint8:
+        return T.Compose([T.ToImage(), T.Resize((h, w), interpolation=InterpolationMode.BICUBIC, antialias=True)])
     # Pad scales with the crop so the tiny debug model (64x32) is not shifted by a third of its width.
     pad = max(1, round(pad * w / 128))
     steps = [T.ToImage(), T.Resize((h, w), interpolation=InterpolationMode.BICUBIC, antialias=True)]
