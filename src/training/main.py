@@ -116,7 +116,8 @@ class Hooks:
             "train_state": state.to_dict(),
             "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": self.args.seed,
                      "world_size": dist_utils.world_size(), "workers": self.args.workers,
-                     "batch_size": self.args.batch_size, "train_data": self.args.train_data},
+                     "batch_size": self.args.batch_size, "train_data": self.args.train_data,
+                     "debiased_sampling": self.args.debiased_sampling},
             "rng": ckpt_lib.rng_state(),
             "model_name": self.args.model,
             "image_size": list(self.args.image_size),
@@ -170,9 +171,11 @@ def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState
         state.bad_samples = Counter(mine["bad"])
         state.source_counts = Counter({int(k): v for k, v in mine["sources"].items()})
     data = ckpt["data"]
-    same_plan = all(data.get(k) == v for k, v in (("seed", args.seed), ("world_size", dist_utils.world_size()),
+    # (checkpoints written before --debiased-sampling existed have no such key: they were not debiased)
+    same_plan = all(data.get(k, False if k == "debiased_sampling" else None) == v for k, v in (("seed", args.seed), ("world_size", dist_utils.world_size()),
                                                   ("workers", args.workers), ("batch_size", args.batch_size),
-                                                  ("train_data", args.train_data)))
+                                                  ("train_data", args.train_data),
+                                                  ("debiased_sampling", args.debiased_sampling)))
     if not same_plan and state.batch_in_epoch:
         logger.warning(f"{path} was written with another data plan ({data}); the order of the rest of epoch "
                        f"{state.epoch} cannot be reproduced, so it restarts at its first batch")
