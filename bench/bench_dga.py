@@ -95,8 +95,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(a)), flush=True)
         return 0
     rows = []
-    for b in a.batch or [4096]:
-        for k in a.chunks or [1, 8]:
+    for b in dict.fromkeys(a.batch or [4096]):
+        for k in dict.fromkeys(a.chunks or [1, 8]):
             if f"{b}x{k}" in a.skip or k > b:
                 continue
             cmd = [sys.executable, __file__, "--child", "--model", a.model, "--batch", str(b), "--chunks", str(k),
