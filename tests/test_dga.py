@@ -274,3 +274,20 @@ def test_debiased_sampling_trains_and_counts_sources(tmp_path):
         assert len({k >= 32 for k in r["keys"]}) == 1
     summary = json.load(open(tmp_path / "deb" / "summary.json"))
     assert summary["source_counts"] == {"0": 32, "1": 64}
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_blocked_cross_entropy_equals_the_one_matrix_form(soft):
+    from fast_clip.losses import blocked_cross_entropy
+    torch.manual_seed(0)
+    a = nn.functional.normalize(torch.randn(37, 8, dtype=torch.float64), dim=-1).requires_grad_()
+    o = nn.functional.normalize(torch.randn(37, 8, dtype=torch.float64), dim=-1).requires_grad_()
+    s = torch.tensor(14.0, dtype=torch.float64, requires_grad=True)
+    t = mixup_targets(37, 0, 1, 0.7, dtype=torch.float64) if soft else torch.arange(37)
+    full = nn.functional.cross_entropy(s * a @ o.t(), t)
+    g_full = torch.autograd.grad(full, [a, o, s])
+    blocked = blocked_cross_entropy(a, o, s, t, max_logits=37 * 5)   # blocks of 5 rows, the last one of 2
+    g_blocked = torch.autograd.grad(blocked, [a, o, s])
+    torch.testing.assert_close(blocked, full, rtol=1e-12, atol=0)
+    for x, y in zip(g_blocked, g_full):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)

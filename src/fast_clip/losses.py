@@ -326,16 +326,40 @@ class OpenClipLoss(ContrastiveLoss):
         scale = 1.0 / tau
         all1 = dist_utils.all_gather_with_grad(e1)
         all2 = dist_utils.all_gather_with_grad(e2)
-        logits_i = scale * e1 @ all2.t()
-        logits_t = scale * e2 @ all1.t()
         if mix_alpha is None:
             labels = torch.arange(b, device=e1.device) + dist_utils.rank() * b
         else:
             labels = mixup_targets(b, dist_utils.rank(), dist_utils.world_size(), mix_alpha, e1.device, dt)
         # The mixup target matrix is symmetric (the reversal pairs i with b-1-i both ways), so the text-anchor rows
         # use the same targets as the image-anchor rows.
-        loss = 0.5 * (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels))
+        loss = 0.5 * (blocked_cross_entropy(e1, all2, scale, labels) + blocked_cross_entropy(e2, all1, scale, labels))
         return loss, {"tau": float(tau.detach()), "gamma": 1.0}
+
+
+# Above this many logits (b x world*b) the InfoNCE rows are processed in blocks, each recomputed in the backward, so
+# the loss never holds the whole b x B matrix and its softmax: at b = B = 16384 that is 1 GiB per fp32 matrix, more
+# than the activations of a DGA chunk. 2^24 logits = 64 MiB in fp32.
+BLOCK_LOGITS = 1 << 24
+
+
+def _ce_rows(anchors, others, scale, targets):
+    return F.cross_entropy(scale * anchors @ others.t(), targets, reduction="sum")
+
+
+def blocked_cross_entropy(anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor,
+                          max_logits: int = BLOCK_LOGITS) -> torch.Tensor:
+    """mean_i CE(scale * anchors_i . others^T, targets_i), in row blocks of at most ``max_logits`` logits, each under
+    activation checkpointing (same value and gradient as the one-matrix form, up to float summation order)."""
+    n, m = anchors.shape[0], others.shape[0]
+    if n * m <= max_logits or not torch.is_grad_enabled():
+        return F.cross_entropy(scale * anchors @ others.t(), targets)
+    from torch.utils.checkpoint import checkpoint
+    rows = max(1, max_logits // m)
+    total = anchors.new_zeros(())
+    for start in range(0, n, rows):
+        sl = slice(start, start + rows)
+        total = total + checkpoint(_ce_rows, anchors[sl], others, scale, targets[sl], use_reentrant=False)
+    return total / n
 
 
 def mixup_targets(b: int, rank: int, world: int, alpha: float, device=None, dtype=torch.float32) -> torch.Tensor:
