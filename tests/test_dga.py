@@ -38,7 +38,7 @@ def _loss(name, epoch=1):
 def _grads(module, objective, batch, chunks, mix=None):
     module.zero_grad(set_to_none=True)
     loss, _ = forward_backward(module, objective, batch, torch.device("cpu"), "fp32", chunks, mix)
-    return float(loss), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
 def _tiny_clip(learn_scale=True):
