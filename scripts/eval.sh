@@ -4,11 +4,5 @@
 #   bash scripts/eval.sh --pretrained FILE --model NAME [--image-size H W] --data TEST_SHARDS ... --output DIR
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$ROOT/.venv/bin/python" ]]; then
-    PY="$ROOT/.venv/bin/python"
-else
-    PY="python3"
-fi
-export PYTHONPATH="$ROOT/src:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/_python_env.sh"
 exec "$PY" -m evaluation.evaluate "$@"

@@ -5,11 +5,5 @@
 #   bash scripts/export_onnx.sh --pretrained FILE --model NAME [--image-size H W] --out DIR
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$ROOT/.venv/bin/python" ]]; then
-    PY="$ROOT/.venv/bin/python"
-else
-    PY="python3"
-fi
-export PYTHONPATH="$ROOT/src:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/_python_env.sh"
 exec "$PY" -m evaluation.export_onnx "$@"

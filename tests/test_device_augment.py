@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.device_augment import DeviceAugment, pad_for
+from training.device_augment import DeviceAugment
+from training.transforms import pad_for
 from training.transforms import build_transform
 
 

@@ -15,12 +15,9 @@ import math
 import torch
 import torch.nn as nn
 
+from fast_clip.precision import compute_dtype, no_autocast
+
 __all__ = ["feature_distill_loss", "combine", "init_from_ref"]
-
-
-def _no_autocast(device: torch.device):
-    """Squared distances of nearly equal unit vectors cancel badly in bf16: compute the loss in float32 or wider."""
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _check_pair(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -53,8 +50,8 @@ def feature_distill_loss(student_img: torch.Tensor, student_txt: torch.Tensor, t
     _check_pair("text", student_txt, teacher_txt)
     if student_img.shape[0] != student_txt.shape[0]:
         raise ValueError(f"image and text batch sizes differ: {student_img.shape[0]} vs {student_txt.shape[0]}")
-    with _no_autocast(student_img.device):
-        dt = torch.promote_types(torch.promote_types(torch.float32, student_img.dtype), student_txt.dtype)
+    with no_autocast(student_img.device):
+        dt = compute_dtype(student_img, student_txt)
         d_img = (teacher_img.to(dt) - student_img.to(dt)).pow(2).sum(dim=1).mean()
         d_txt = (teacher_txt.to(dt) - student_txt.to(dt)).pow(2).sum(dim=1).mean()
         loss = d_img + d_txt

@@ -21,23 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fast_clip.precision import compute_dtype as _compute_dtype
+from fast_clip.precision import no_autocast as _no_autocast
+
 __all__ = ["ArcFaceHead", "arcface_logits", "arcface_loss", "id_loss", "id_loss_from_cos", "count_ids", "check_labels"]
 
 # sin(theta) = sqrt(1 - c^2) has an infinite derivative at c = +-1; cos is clamped to [-1+eps, 1-eps] inside the sqrt.
 COS_EPS = 1e-6
-
-
-def _no_autocast(device: torch.device):
-    """cos * s with s ~ 30-64 feeds a softmax: keep the head and the logits out of the trainer's bf16/fp16 autocast."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 at least (half inputs are upcast), float64 if any input is float64 (used by the exactness tests)."""
-    dt = torch.float32
-    for t in tensors:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
 
 
 # ------------------------------------------------------------------------------------------------------- labels

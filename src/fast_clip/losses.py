@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fast_clip.precision import compute_dtype as _compute_dtype
+from fast_clip.precision import no_autocast as _no_autocast
 from training import distributed as dist_utils
 
 __all__ = [
@@ -232,16 +234,6 @@ def gamma_at_epoch(epoch: int, gamma: float, schedule: str, decay_epochs: int) -
         e = min(epoch, decay_epochs)
         return float(gamma + (1.0 - gamma) * 0.5 * (1.0 + math.cos(math.pi * e / decay_epochs)))
     raise ValueError(f"--gamma_schedule must be one of {_fmt_choices(GAMMA_SCHEDULES)}, got {schedule!r}")
-
-
-def _no_autocast(device: torch.device):
-    """The similarities feed exp(./tau) with tau down to 0.01: keep them out of the trainer's fp16/bf16 autocast."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if anything is float64, else float32 (half-precision features are upcast: exp() overflows in fp16)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ====================================================================================================== base class

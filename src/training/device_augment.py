@@ -18,14 +18,11 @@ import torch
 
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from training.transforms import pad_for
+
 ERASE_SCALE = (0.02, 0.2)
 ERASE_RATIO = (0.3, 3.3)
 ERASE_TRIES = 10  # torchvision retries a rectangle that does not fit up to 10 times; so do we, vectorised
-
-
-def pad_for(width: int, pad: int = 10) -> int:
-    # Same rule as transforms.build_transform: the pad scales with the crop width.
-    return max(1, round(pad * width / 128))
 
 
 class DeviceAugment:

@@ -84,11 +84,6 @@ def mix_inputs(images: torch.Tensor, texts: torch.Tensor, mix: Mix | None):
     return images, (mix.alpha, texts.flip(0))
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    # Losses run in fp32 under bf16 autocast; float64 (exactness tests) is kept as is.
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 @dataclass
 class IdLossConfig:
     weight: float
@@ -121,26 +116,27 @@ class Objective:
         img, txt = [], []
         for im, tx in zip(images.chunk(chunks), texts.chunk(chunks)):
             f_img, f_txt = self.teacher(im, tx)[:2]
-            img.append(_f32(f_img))
-            txt.append(_f32(f_txt))
+            img.append(f_img)
+            txt.append(f_txt)
         return {"image_features": torch.cat(img), "text_features": torch.cat(txt)}
 
     def __call__(self, out: dict, batch: dict, mix: Mix | None = None, teacher: dict | None = None):
         kw = {"mix_alpha": mix.alpha} if mix is not None else {}
-        loss, metrics = self.loss_fn(_f32(out["image_features"]), _f32(out["text_features"]),
-                                     _f32(out["logit_scale"]), batch["keys"], **kw)
+        # Every term below computes in float32 or wider outside autocast (fast_clip.precision): no casts here.
+        loss, metrics = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], batch["keys"],
+                                     **kw)
         metrics = dict(metrics)
         if self.id_loss is not None:
             from fast_clip.id_head import id_loss_from_cos
             c = self.id_loss
-            id_term, id_metrics = id_loss_from_cos(_f32(out["image_id_cos"]), _f32(out["text_id_cos"]),
-                                                   batch["pids"], c.scale, c.margin)
+            id_term, id_metrics = id_loss_from_cos(out["image_id_cos"], out["text_id_cos"], batch["pids"], c.scale,
+                                                   c.margin)
             loss = loss + c.weight * id_term
             metrics.update(id_metrics, id_loss=float(id_term.detach()))
         if teacher is not None:
             from fast_clip.distill import combine, feature_distill_loss
-            d, _ = feature_distill_loss(_f32(out["image_features"]), _f32(out["text_features"]),
-                                        teacher["image_features"], teacher["text_features"])
+            d, _ = feature_distill_loss(out["image_features"], out["text_features"], teacher["image_features"],
+                                        teacher["text_features"])
             metrics["distill_loss"] = float(d.detach())
             loss = combine(loss, d, self.distill_weight)
         return loss, metrics

@@ -15,6 +15,12 @@ from torchvision.transforms import InterpolationMode
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 
+def pad_for(width: int, pad: int = 10) -> int:
+    """Pad of the pad-and-crop augmentation: scales with the crop width, so the tiny debug model (64x32) is not
+    shifted by a third of its width (10 px at the usual 128)."""
+    return max(1, round(pad * width / 128))
+
+
 def build_transform(image_size: tuple[int, int], train: bool, pad: int = 10, erase_p: float = 0.5,
                     uint8: bool = False):
     """PIL image -> normalised float tensor [3, H, W]; with ``uint8`` only decode + resize to a uint8 tensor (the
@@ -22,8 +28,7 @@ def build_transform(image_size: tuple[int, int], train: bool, pad: int = 10, era
     h, w = int(image_size[0]), int(image_size[1])
     if uint8:
         return T.Compose([T.ToImage(), T.Resize((h, w), interpolation=InterpolationMode.BICUBIC, antialias=True)])
-    # Pad scales with the crop so the tiny debug model (64x32) is not shifted by a third of its width.
-    pad = max(1, round(pad * w / 128))
+    pad = pad_for(w, pad)
     steps = [T.ToImage(), T.Resize((h, w), interpolation=InterpolationMode.BICUBIC, antialias=True)]
     if train:
         steps += [T.RandomHorizontalFlip(0.5), T.Pad(pad), T.RandomCrop((h, w))]
