@@ -5,6 +5,10 @@ the final R@1 of `openclip`.
 
     python bench/loss_study.py --shards shards/demo_synth --losses openclip sogclr fastclip-v1 fastclip-v3 \
         --seeds 0 1 2 --batch-size 64 --epochs 6 --out bench/results/loss_study_b64
+
+A loss may carry loss-flag overrides after a '+', comma-separated, to sweep one setting against a preset:
+``fastclip-v3+gamma=0.8,gamma_schedule=constant`` runs the v3 preset with ``--gamma 0.8 --gamma_schedule constant``
+and is reported under that label.
 """
 from __future__ import annotations
 
@@ -19,10 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "src" / "training" / "main.py")
 
 
-def run(shards: str, loss: str, seed: int, batch: int, epochs: int, lr: float, logs: str) -> list[tuple[int, float]]:
-    name = f"{loss}-s{seed}-b{batch}"
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """'fastclip-v3+gamma=0.8,gamma_schedule=constant' -> ('fastclip-v3', ['--gamma', '0.8', '--gamma_schedule', ...])."""
+    loss, _, rest = spec.partition("+")
+    flags = []
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"loss spec {spec!r}: override {item!r} is not flag=value")
+        flags += [f"--{key}", value]
+    return loss, flags
+
+
+def run(shards: str, spec: str, seed: int, batch: int, epochs: int, lr: float, logs: str) -> list[tuple[int, float]]:
+    loss, flags = parse_spec(spec)
+    name = f"{spec.replace('+', '_').replace(',', '_').replace('=', '')}-s{seed}-b{batch}"
     cmd = [sys.executable, MAIN, "--train-data", f"{shards}/train", "--val-data", f"{shards}/test",
-           "--val-frequency", "1", "--model", "PersonTiny", "--loss", loss, "--batch-size", str(batch),
+           "--val-frequency", "1", "--model", "PersonTiny", "--loss", loss, *flags, "--batch-size", str(batch),
            "--epochs", str(epochs), "--lr", str(lr), "--warmup", "50", "--workers", "1", "--seed", str(seed),
            "--logs-dir", logs, "--name", name, "--log-every-n-steps", "1000", "--no-augment"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -49,14 +49,21 @@ def make_cfg(variant: str) -> LossConfig:
     return LossConfig.from_name(variant, **over)
 
 
-def run_steps(variant: str) -> dict:
-    """Simulated DDP steps on this rank's slice of the global batch; returns grads per step and the final state."""
+# Small enough that every GCL matrix of the worker (b x B local, (B-b) x b remote) is processed in row blocks.
+SMALL_BLOCK = 5
+
+
+def run_steps(variant: str, block_logits: int | None = None) -> dict:
+    """Simulated DDP steps on this rank's slice of the global batch; returns grads per step and the final state.
+    ``block_logits`` overrides the GCL losses' row-blocking threshold (None: the default, no blocking here)."""
     x1, x2, keys, W1, W2 = make_data()
     K, r = dist_utils.world_size(), dist_utils.rank()
     b = B // K
     sl = slice(r * b, (r + 1) * b)
     cfg = make_cfg(variant)
     loss_fn = build_loss(cfg, DATA_SIZE, torch.device("cpu"), dtype=torch.float64)
+    if block_logits is not None and hasattr(loss_fn, "block_logits"):
+        loss_fn.block_logits = block_logits
     W1 = W1.clone().requires_grad_(True)
     W2 = W2.clone().requires_grad_(True)
     p = torch.tensor(loss_fn.initial_logit_scale(), dtype=torch.float64, requires_grad=True)
@@ -88,11 +95,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {v: run_steps(v) for v in VARIANTS}
+        results = {(v, blocked): run_steps(v, SMALL_BLOCK if blocked else None)
+                   for v in VARIANTS for blocked in (False, True)}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         # also check all ranks hold identical loss state
-        for v in VARIANTS:
+        for v in results:
             for k, t in results[v]["state"].items():
                 ref = t.clone()
                 dist.broadcast(ref, 0)

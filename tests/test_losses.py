@@ -431,3 +431,59 @@ def test_validation_errors_name_the_flag():
         build_loss(cfg, 10)
     with pytest.raises(SystemExit):  # argparse rejects unknown choices
         parse(["--loss", "clip"])
+
+
+# ---------------------------------------------------------------------------------------------- row-blocked GCL
+@pytest.mark.parametrize("variant", GCL_VARIANTS)
+def test_row_blocked_gcl_equals_one_matrix(variant):
+    """The large-batch path (statistics in no-grad row blocks, surrogate recomputed per block) gives the same
+    gradients, estimators and per-pair temperatures as the one-matrix path, over steps with gamma = 1 and < 1."""
+    import dist_loss_worker as W
+
+    ref = W.run_steps(variant)
+    for block in (W.SMALL_BLOCK, W.B * 3):  # 1-row blocks; 3-row blocks with a short last one (8 = 3 + 3 + 2)
+        got = W.run_steps(variant, block_logits=block)
+        for step, (gs, rs) in enumerate(zip(got["grads"], ref["grads"])):
+            for name, g, r in zip(("W1", "W2", "logit_scale"), gs, rs):
+                torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13, msg=f"block {block} step {step} {name}")
+        for k in ref["state"]:
+            torch.testing.assert_close(got["state"][k], ref["state"][k], rtol=1e-10, atol=1e-13, msg=k)
+
+
+def _largest_tensor_during(fn) -> int:
+    """The most elements of any tensor an aten op produced while running fn (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("variant", ["fastclip-v3", "fastclip-v2"])
+def test_row_blocked_gcl_never_builds_the_batch_matrix(variant):
+    B, d, block = 96, 3, 480  # whole b x B matrix: 9,216 entries; a block: 5 rows x 96 = 480
+    keys = torch.arange(B)
+
+    def step(block_logits):
+        loss = make(variant, data_size=B)
+        loss.block_logits = block_logits
+        e1, e2 = feats(B, d, seed=1)
+        scale = torch.tensor(1 / 0.07, dtype=DT, requires_grad=True)
+        out, _ = loss(e1, e2, scale, keys=keys)
+        out.backward()
+        return [e1.grad, e2.grad, scale.grad]
+
+    assert _largest_tensor_during(lambda: step(10 ** 9)) >= B * B
+    assert _largest_tensor_during(lambda: step(block)) <= block
+    for g, r in zip(step(block), step(10 ** 9)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)

@@ -1,5 +1,6 @@
 """2-process gloo test: K=2 ranks with b=B/2 give the same DDP-averaged gradients (encoders and logit_scale) and the
-same loss state (estimators, per-pair temperatures, moments) as one process with the whole batch B."""
+same loss state (estimators, per-pair temperatures, moments) as one process with the whole batch B; also when the
+ranks process every GCL matrix in row blocks (the large-batch path), against the one-matrix single process."""
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,11 @@ def two_rank_results(tmp_path_factory):
     return torch.load(out / "result.pt")
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-matrix", "row-blocks"])
 @pytest.mark.parametrize("variant", W.VARIANTS)
-def test_two_ranks_match_single_process(two_rank_results, variant):
-    ref = W.run_steps(variant)  # K = 1, whole batch (no process group in the test process)
-    got = two_rank_results[variant]
+def test_two_ranks_match_single_process(two_rank_results, variant, blocked):
+    ref = W.run_steps(variant)  # K = 1, whole batch, one matrix (no process group in the test process)
+    got = two_rank_results[(variant, blocked)]
     assert len(got["grads"]) == len(ref["grads"]) == len(W.EPOCHS)
     for step, (gs, rs) in enumerate(zip(got["grads"], ref["grads"])):
         for name, g, r in zip(("W1", "W2", "logit_scale"), gs, rs):

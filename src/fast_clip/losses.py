@@ -369,6 +369,58 @@ def mixup_targets(b: int, rank: int, world: int, alpha: float, device=None, dtyp
 
 
 # ====================================================================================================== GCL family
+def _exp_rows(anchors, cands, pos, tau, diag_start: Optional[int]):
+    """P = exp((anchors @ cands^T - pos) / tau) and X = its exponent; when ``diag_start`` is given, anchor row i's
+    own pair sits in column diag_start + i and its P entry is zeroed (g sums over j != i only)."""
+    X = (anchors @ cands.t() - pos) / tau
+    P = torch.exp(X)
+    if diag_start is not None:
+        rows = torch.arange(anchors.shape[0], device=P.device)
+        P = P.index_put((rows, diag_start + rows), P.new_zeros(()))  # out of place: X and P stay valid for autograd
+    return P, X
+
+
+def _row_blocks(n: int, m: int, max_logits: int):
+    rows = max(1, max_logits // max(m, 1))
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+def _per_row(t, sl: slice):
+    """A temperature is a scalar (global) or a column of per-row values (individual): slice only the latter."""
+    return t[sl] if t.dim() > 0 and t.shape[0] > 1 else t
+
+
+def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits):
+    """Row sums of P and of P*X (see _exp_rows), in row blocks of at most ``max_logits`` entries; no autograd."""
+    g, h = [], []
+    for a, z in _row_blocks(anchors.shape[0], cands.shape[0], max_logits):
+        sl = slice(a, z)
+        P, X = _exp_rows(anchors[sl], cands, pos[sl], _per_row(tau, sl), None if diag_start is None else diag_start + a)
+        g.append(P.sum(1))
+        h.append((P * X).sum(1))
+    return torch.cat(g), torch.cat(h)
+
+
+def _weighted_rows(anchors, cands, pos, tau, weights, diag_start):
+    return (weights * _exp_rows(anchors, cands, pos, tau, diag_start)[0].sum(1)).sum()
+
+
+def _weighted_exp_sum(anchors, cands, pos, tau, weights, diag_start: Optional[int], max_logits: int):
+    """sum_i weights_i * sum_j P_ij (P of _exp_rows), differentiable in anchors, cands, pos and a live tau; in row
+    blocks under activation checkpointing once the matrix exceeds ``max_logits`` entries, so that the forward keeps
+    one block at a time and the backward recomputes it (same value and gradient up to summation order)."""
+    n, m = anchors.shape[0], cands.shape[0]
+    if n * m <= max_logits or not torch.is_grad_enabled():
+        return _weighted_rows(anchors, cands, pos, tau, weights, diag_start)
+    from torch.utils.checkpoint import checkpoint
+    total = anchors.new_zeros(())
+    for a, z in _row_blocks(n, m, max_logits):
+        sl = slice(a, z)
+        total = total + checkpoint(_weighted_rows, anchors[sl], cands, pos[sl], _per_row(tau, sl), weights[sl],
+                                   None if diag_start is None else diag_start + a, use_reentrant=False)
+    return total
+
+
 class GCLLoss(ContrastiveLoss):
     """Global contrastive losses optimised with FCCO (SogCLR / iSogCLR / FastCLIP-v0..v3).
 
@@ -378,7 +430,13 @@ class GCLLoss(ContrastiveLoss):
       tau1_m, tau1_v, tau2_m, tau2_v, tau_count   their Adam moments and per-pair step counters
     plus the epoch / gamma / step scalars. Every rank applies the updates of the whole global batch, so all ranks hold
     identical tables.
+
+    ``block_logits``: above this many b x B entries the exp matrices are built in row blocks (memory O(block x B)
+    instead of O(b x B), for very large per-rank batches such as DGA at 16k on one GPU), at the cost of computing
+    them three times (statistics, surrogate forward, its recompute in the backward) instead of once.
     """
+
+    block_logits = BLOCK_LOGITS
 
     def __init__(self, cfg: LossConfig, data_size: int, device=None, dtype: torch.dtype = torch.float32):
         super().__init__(cfg)
@@ -492,25 +550,28 @@ class GCLLoss(ContrastiveLoss):
             t1_all_c = t2_all_c = tau_live.detach()
 
         # ---- local anchors against all (gathered) candidates: g1_i, g2_i for i in this rank's block
-        diag_mask = torch.ones(b, B, dtype=torch.bool, device=dev)
-        diag_mask[torch.arange(b, device=dev), off + torch.arange(b, device=dev)] = False
         pos = (e1 * e2).sum(1, keepdim=True)  # <e1_i, e2_i>, live in both features
-        D1 = e1 @ E2_live.t() - pos  # (b, B): <e1_i, e2_j> - <e1_i, e2_i>
-        D2 = e2 @ E1_live.t() - pos  # (b, B): <e2_i, e1_j> - <e2_i, e1_i>
-        X1 = D1 / t1_loc
-        X2 = D2 / t2_loc
-        P1 = torch.exp(X1).masked_fill(~diag_mask, 0.0)
-        P2 = torch.exp(X2).masked_fill(~diag_mask, 0.0)
-        g1 = P1.sum(1) / (B - 1)
-        g2 = P2.sum(1) / (B - 1)
+        # Above block_logits (b x B) the exp matrices are never held whole: g and h come from a no-grad pass in row
+        # blocks, and the surrogate's local part is recomputed block by block under checkpointing (below).
+        blocked = b * B > self.block_logits and torch.is_grad_enabled()
+        if blocked:
+            with torch.no_grad():
+                g1, h1 = _exp_row_stats(e1, E2_live, pos, t1_loc, off, self.block_logits)
+                g2, h2 = _exp_row_stats(e2, E1_live, pos, t2_loc, off, self.block_logits)
+        else:
+            # D = <e_i, e'_j> - <e_i, e'_i>; X = D / tau; P = exp(X) with the pair's own column zeroed.
+            P1, X1 = _exp_rows(e1, E2_live, pos, t1_loc, off)  # (b, B), live
+            P2, X2 = _exp_rows(e2, E1_live, pos, t2_loc, off)
+            g1, g2 = P1.sum(1), P2.sum(1)
+            # tau * d g/d tau = -mean_{j!=i} exp(X_ij) X_ij  (only the per-pair temperatures need it)
+            h1 = (P1 * X1).detach().sum(1) if self.individual else None
+            h2 = (P2 * X2).detach().sum(1) if self.individual else None
+        g1, g2 = g1 / (B - 1), g2 / (B - 1)
 
         # ---- estimator update with the whole global batch (identical on every rank)
         with torch.no_grad():
             if self.individual:
-                # tau * d g/d tau = -mean_{j!=i} exp(X_ij) X_ij  (for the per-pair temperature gradient)
-                h1 = (P1 * X1).sum(1) / (B - 1)
-                h2 = (P2 * X2).sum(1) / (B - 1)
-                stats = torch.stack([g1.detach(), g2.detach(), h1, h2], 1)
+                stats = torch.stack([g1.detach(), g2.detach(), h1 / (B - 1), h2 / (B - 1)], 1)
             else:
                 stats = torch.stack([g1.detach(), g2.detach()], 1)
             stats_all = dist_utils.all_gather_no_grad(stats)
@@ -533,16 +594,24 @@ class GCLLoss(ContrastiveLoss):
         w1_all = c1_all / (u1_all + eps) / (2 * B)  # detached weights
         w2_all = c2_all / (u2_all + eps) / (2 * B)
         w1_loc, w2_loc = w1_all[off:off + b], w2_all[off:off + b]
-        local_part = (w1_loc * g1).sum() + (w2_loc * g2).sum()
+        if blocked:
+            local_part = (_weighted_exp_sum(e1, E2_live, pos, t1_loc, w1_loc / (B - 1), off, self.block_logits)
+                          + _weighted_exp_sum(e2, E1_live, pos, t2_loc, w2_loc / (B - 1), off, self.block_logits))
+        else:
+            local_part = (w1_loc * g1).sum() + (w2_loc * g2).sum()
 
         # Remote anchors (all ranks' anchors except this rank's, detached, with their u and tau) against this rank's
-        # live candidates: the gradient other ranks' anchors send into our features, computed here instead.
-        remote = torch.ones(B, dtype=torch.bool, device=dev)
-        remote[off:off + b] = False
-        posd = (E1 * E2).sum(1, keepdim=True)  # detached positives of every anchor
-        R1 = torch.exp((E1 @ e2.t() - posd) / t1_all_c)  # (B, b): anchor e1_i (i remote) vs live e2_j (j local)
-        R2 = torch.exp((E2 @ e1.t() - posd) / t2_all_c)
-        remote_part = ((w1_all * remote) @ R1).sum() / (B - 1) + ((w2_all * remote) @ R2).sum() / (B - 1)
+        # live candidates: the gradient other ranks' anchors send into our features, computed here instead. One
+        # process (K = 1) has no remote anchors.
+        remote_part = e1.new_zeros(())
+        if K > 1:
+            rem = torch.cat([torch.arange(off, device=dev), torch.arange(off + b, B, device=dev)])
+            posd = (E1[rem] * E2[rem]).sum(1, keepdim=True)  # detached positives of the remote anchors
+            t1r = t1_all_c[rem] if self.individual else t1_all_c
+            t2r = t2_all_c[rem] if self.individual else t2_all_c
+            # anchor e1_i (i remote) vs live e2_j (j local), and the text-anchor mirror; (B-b, b) each
+            remote_part = (_weighted_exp_sum(E1[rem], e2, posd, t1r, w1_all[rem] / (B - 1), None, self.block_logits)
+                           + _weighted_exp_sum(E2[rem], e1, posd, t2r, w2_all[rem] / (B - 1), None, self.block_logits))
 
         surrogate = K * (local_part + remote_part)
 
