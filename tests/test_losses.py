@@ -281,6 +281,8 @@ def test_estimator_indexing_reset_and_duplicates():
     # keys outside [0, data_size) and missing keys are errors
     with pytest.raises(ValueError, match="data_size"):
         loss2(e1, e2, None, keys=torch.tensor([0, 1, 16]))
+    with pytest.raises(ValueError, match=r"got range \[-1, 1\]"):
+        loss2(e1, e2, None, keys=torch.tensor([0, 1, -1]))
     with pytest.raises(ValueError, match="keys"):
         loss2(e1, e2, None)
 

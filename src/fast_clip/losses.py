@@ -527,7 +527,8 @@ class GCLLoss(ContrastiveLoss):
         if keys.numel() != b:
             raise ValueError(f"keys has {keys.numel()} entries for a batch of {b}")
         keys_all = dist_utils.all_gather_no_grad(keys)
-        if bool((keys_all < 0).any()) or bool((keys_all >= self.data_size).any()):
+        # One host sync for the check: an out-of-range index would be a fatal device-side assert on CUDA.
+        if bool(((keys_all < 0) | (keys_all >= self.data_size)).any()):
             raise ValueError(f"keys must lie in [0, {self.data_size}) (--data_size); got range "
                              f"[{int(keys_all.min())}, {int(keys_all.max())}]")
         E1 = dist_utils.all_gather_no_grad(e1.detach())  # (B, d) no grad
