@@ -489,3 +489,60 @@ def test_row_blocked_gcl_never_builds_the_batch_matrix(variant):
     assert _largest_tensor_during(lambda: step(block)) <= block
     for g, r in zip(step(block), step(10 ** 9)):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------- state placement
+def test_state_placement_rules():
+    from fast_clip.losses import state_placement
+
+    cpu, cuda, gib = torch.device("cpu"), torch.device("cuda", 0), 2 ** 30
+    assert state_placement(100 * gib, cpu, "auto") == (cpu, False)  # a CPU run: host memory either way
+    assert state_placement(100 * gib, cpu, "host") == (cpu, False)  # nothing to pin for
+    assert state_placement(100 * gib, cuda, "accelerator", accelerator_bytes=80 * gib) == (cuda, False)
+    assert state_placement(1, cuda, "host", accelerator_bytes=80 * gib) == (cpu, True)
+    # auto: the accelerator while the tables take at most 1/8 of its memory (400M pairs x 8 B = 3.2 GB fits an
+    # 80 GB H100; x 36 B = 14.4 GB of per-pair temperatures does not)
+    assert state_placement(400_000_000 * 8, cuda, "auto", accelerator_bytes=80 * gib) == (cuda, False)
+    assert state_placement(400_000_000 * 36, cuda, "auto", accelerator_bytes=80 * gib) == (cpu, True)
+    assert state_placement(10 * gib, cuda, "auto", accelerator_bytes=80 * gib) == (cuda, False)
+    assert state_placement(10 * gib + 1, cuda, "auto", accelerator_bytes=80 * gib) == (cpu, True)
+    with pytest.raises(ValueError, match="--loss_state_device must be one of"):
+        state_placement(1, cuda, "gpu")
+
+
+def test_state_device_flag_and_build():
+    parser = argparse.ArgumentParser()
+    add_loss_args(parser)
+    cfg = LossConfig.from_args(parser.parse_args(["--loss", "fastclip-v2", "--loss-state-device", "host"]))
+    assert cfg.state_device == "host"
+    with pytest.raises(ValueError, match="--loss_state_device must be one of"):
+        LossConfig.from_name("fastclip-v3", state_device="disk")
+    loss = build_loss(cfg, 10, torch.device("cpu"))
+    assert loss.state_device == torch.device("cpu") and not loss.state_pinned
+    assert loss.state_bytes() == 10 * 36 and loss.tau_count.dtype == torch.int32
+    assert all(b.device.type == "cpu" for b in loss.buffers())  # scalars (epoch, gamma, step) stay on the host
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["fastclip-v3", "fastclip-v2"])
+def test_pinned_host_tables_match_device_tables(variant):
+    dev = torch.device("cuda")
+    outs = []
+    for where in ("accelerator", "host"):
+        loss = build_loss(LossConfig.from_name(variant, state_device=where, gamma_decay_epochs=2), 16, dev,
+                          dtype=DT)
+        assert loss.state_pinned == (where == "host") and loss.u1.is_pinned() == (where == "host")
+        e1, e2 = (t.detach().to(dev).requires_grad_(True) for t in feats(6))
+        scale = torch.tensor(1 / 0.07, dtype=DT, device=dev, requires_grad=True)
+        keys = torch.tensor([1, 4, 2, 9, 15, 0], device=dev)
+        grads = []
+        for epoch in (0, 1, 2):
+            loss.set_epoch(epoch)
+            out, _ = loss(e1, e2, scale, keys=keys)
+            grads += [g.cpu() for g in torch.autograd.grad(out, [e1, e2, scale])]
+        outs.append((grads, {k: v.cpu() for k, v in loss.state_dict().items()}))
+    (g_dev, s_dev), (g_host, s_host) = outs
+    for a, b_ in zip(g_dev, g_host):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-15)
+    for k in s_dev:
+        torch.testing.assert_close(s_dev[k], s_host[k], rtol=1e-12, atol=1e-15, msg=k)

@@ -40,11 +40,17 @@ __all__ = [
     "add_loss_args",
     "build_loss",
     "gamma_at_epoch",
+    "state_placement",
 ]
 
 TEMPERATURE_SCHEMES = ("global_constant", "global_learnable", "individual_learnable")
 GAMMA_SCHEDULES = ("constant", "cosine")
 LR_TAU_SCHEDULERS = ("const", "step_thresh")
+STATE_DEVICES = ("auto", "accelerator", "host")
+# --loss_state_device auto keeps the per-pair tables on the accelerator while they take at most this share of its
+# total memory (H100 80 GB: 10 GB, i.e. 400M pairs of a global-temperature variant at 8 B/pair), else in pinned host
+# memory. The rest of the accelerator is for the model, its optimizer state and the activations.
+STATE_AUTO_SHARE = 1 / 8
 
 # Per-pair temperatures are clamped to this range; step_thresh divides lr_tau by 3 once tau <= TAU_THRESH.
 TAU_MIN, TAU_MAX = 0.01, 1.0
@@ -115,6 +121,7 @@ class LossConfig:
     tau_beta1: float = 0.9
     tau_beta2: float = 0.999
     tau_adam_eps: float = 1e-8
+    state_device: str = "auto"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -161,6 +168,8 @@ class LossConfig:
             bad("temperature_scheme", "one of " + _fmt_choices(TEMPERATURE_SCHEMES), self.temperature_scheme)
         if self.gamma_schedule not in GAMMA_SCHEDULES:
             bad("gamma_schedule", "one of " + _fmt_choices(GAMMA_SCHEDULES), self.gamma_schedule)
+        if self.state_device not in STATE_DEVICES:
+            bad("loss_state_device", "one of " + _fmt_choices(STATE_DEVICES), self.state_device)
         if self.lr_tau_scheduler not in LR_TAU_SCHEDULERS:
             bad("lr_tau_scheduler", "one of " + _fmt_choices(LR_TAU_SCHEDULERS), self.lr_tau_scheduler)
         if self.loss == "openclip":
@@ -222,6 +231,31 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
     add("data_size", type=int, default=None, help="Number of training pairs (size of the estimator tables).")
     add("tau_beta1", type=float, default=None, help="Adam beta1 of the individual temperatures.")
     add("tau_beta2", type=float, default=None, help="Adam beta2 of the individual temperatures.")
+    g.add_argument("--loss_state_device", "--loss-state-device", dest="state_device", default=None,
+                   choices=STATE_DEVICES,
+                   help="Where the per-pair estimator / temperature tables live: on the accelerator, in pinned host "
+                        "memory, or auto (accelerator while they take at most 1/8 of its memory).")
+
+
+def state_placement(table_bytes: int, device, choice: str = "auto",
+                    accelerator_bytes: Optional[int] = None) -> tuple[torch.device, bool]:
+    """(device, pinned) for the per-pair tables of a loss computed on ``device``.
+
+    On a CPU run everything is host memory anyway. ``accelerator_bytes`` is the accelerator's total memory (queried
+    for CUDA when None; other accelerators keep the tables on the device under auto)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if choice not in STATE_DEVICES:
+        raise ValueError(f"--loss_state_device must be one of {_fmt_choices(STATE_DEVICES)}, got {choice!r}")
+    if device.type == "cpu" or choice == "accelerator":
+        return device, False
+    host = torch.device("cpu")
+    if choice == "host":
+        return host, True
+    if accelerator_bytes is None and device.type == "cuda":
+        accelerator_bytes = torch.cuda.get_device_properties(device).total_memory
+    if accelerator_bytes is None or table_bytes <= STATE_AUTO_SHARE * accelerator_bytes:
+        return device, False
+    return host, True
 
 
 def gamma_at_epoch(epoch: int, gamma: float, schedule: str, decay_epochs: int) -> float:
@@ -447,16 +481,27 @@ class GCLLoss(ContrastiveLoss):
         self.scheme = cfg.temperature_scheme
         self.individual = self.scheme == "individual_learnable"
         self.learns_model_temperature = self.scheme == "global_learnable"
-        kw = dict(device=device, dtype=dtype)
-        self.register_buffer("u1", torch.zeros(n, **kw))
-        self.register_buffer("u2", torch.zeros(n, **kw))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
+        item = torch.empty((), dtype=dtype).element_size()
+        per_pair = (8 * item + 4) if self.individual else 2 * item
+        self.state_device, self.state_pinned = state_placement(n * per_pair, device, cfg.state_device)
+
+        def table(fill, dt=dtype):
+            t = torch.full((n,), fill, dtype=dt, device=self.state_device)
+            # Pinned: the B-entry gathers/scatters of each step copy to and from the accelerator without staging.
+            return t.pin_memory() if self.state_pinned else t
+
+        self.register_buffer("u1", table(0.0))
+        self.register_buffer("u2", table(0.0))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # host scalar: no device sync to count
         if self.individual:
             for name in ("tau1", "tau2"):
-                self.register_buffer(name, torch.full((n,), float(cfg.temperature), **kw))
+                self.register_buffer(name, table(float(cfg.temperature)))
             for name in ("tau1_m", "tau1_v", "tau2_m", "tau2_v"):
-                self.register_buffer(name, torch.zeros(n, **kw))
-            self.register_buffer("tau_count", torch.zeros(n, dtype=torch.int32, device=device))
+                self.register_buffer(name, table(0.0))
+            self.register_buffer("tau_count", table(0, torch.int32))
+
+    def state_bytes(self) -> int:
+        return self.data_size * self.state_bytes_per_pair()
 
     def state_bytes_per_pair(self) -> int:
         per = 2 * self.u1.element_size()
@@ -702,13 +747,11 @@ def build_loss(cfg: LossConfig, data_size: Optional[int] = None, device=None,
         raise ValueError(f"unknown loss {cfg.loss!r}; valid names: {', '.join(sorted(LOSSES))}")
     cfg.validate()
     cls = LOSSES[cfg.loss]
+    # No loss.to(device): the GCL tables are placed by state_placement (accelerator or pinned host), and the scalar
+    # buffers (epoch, gamma, step, the lr_tau latch) stay on the host, where reading them costs no device sync.
     if issubclass(cls, GCLLoss):
         n = cfg.data_size if cfg.data_size is not None else data_size
         if n is None:
             raise ValueError(f"loss {cfg.loss!r} needs the number of training pairs (data_size / --data_size)")
-        loss = cls(cfg, int(n), device=device, dtype=dtype)
-    else:
-        loss = cls(cfg, data_size, device=device, dtype=dtype)
-    if device is not None:
-        loss = loss.to(device)
-    return loss
+        return cls(cfg, int(n), device=device, dtype=dtype)
+    return cls(cfg, data_size, device=device, dtype=dtype)

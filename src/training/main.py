@@ -224,6 +224,10 @@ def _train(args, denv) -> int:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     loss_fn = build_loss(args.loss_config, data_size=data_size, device=denv.device)
+    if hasattr(loss_fn, "state_bytes"):
+        where = "pinned host memory" if loss_fn.state_pinned else str(loss_fn.state_device)
+        logger.info(f"loss state: {loss_fn.data_size} pairs x {loss_fn.state_bytes_per_pair()} B = "
+                    f"{loss_fn.state_bytes() / 2 ** 20:.1f} MiB on {where} (every rank holds the whole table)")
     init_scale = loss_fn.initial_logit_scale()
     if init_scale is not None:
         with torch.no_grad():
