@@ -368,6 +368,12 @@ class OpenClipLoss(ContrastiveLoss):
 BLOCK_LOGITS = 1 << 24
 
 
+def _row_blocks(n: int, m: int, max_logits: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most max_logits // m rows (one row at least) covering n rows."""
+    rows = max(1, max_logits // max(m, 1))
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
 def _ce_rows(anchors, others, scale, targets):
     return F.cross_entropy(scale * anchors @ others.t(), targets, reduction="sum")
 
@@ -380,11 +386,9 @@ def blocked_cross_entropy(anchors: torch.Tensor, others: torch.Tensor, scale: to
     if n * m <= max_logits or not torch.is_grad_enabled():
         return F.cross_entropy(scale * anchors @ others.t(), targets)
     from torch.utils.checkpoint import checkpoint
-    rows = max(1, max_logits // m)
     total = anchors.new_zeros(())
-    for start in range(0, n, rows):
-        sl = slice(start, start + rows)
-        total = total + checkpoint(_ce_rows, anchors[sl], others, scale, targets[sl], use_reentrant=False)
+    for a, z in _row_blocks(n, m, max_logits):
+        total = total + checkpoint(_ce_rows, anchors[a:z], others, scale, targets[a:z], use_reentrant=False)
     return total / n
 
 
@@ -414,25 +418,21 @@ def _exp_rows(anchors, cands, pos, tau, diag_start: Optional[int]):
     return P, X
 
 
-def _row_blocks(n: int, m: int, max_logits: int):
-    rows = max(1, max_logits // max(m, 1))
-    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
-
-
 def _per_row(t, sl: slice):
     """A temperature is a scalar (global) or a column of per-row values (individual): slice only the latter."""
-    return t[sl] if t.dim() > 0 and t.shape[0] > 1 else t
+    return t[sl] if t.dim() > 0 else t
 
 
-def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits):
-    """Row sums of P and of P*X (see _exp_rows), in row blocks of at most ``max_logits`` entries; no autograd."""
+def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: bool):
+    """Row sums of P and (``with_h``) of P*X (see _exp_rows), in row blocks of at most ``max_logits`` entries."""
     g, h = [], []
     for a, z in _row_blocks(anchors.shape[0], cands.shape[0], max_logits):
         sl = slice(a, z)
         P, X = _exp_rows(anchors[sl], cands, pos[sl], _per_row(tau, sl), None if diag_start is None else diag_start + a)
         g.append(P.sum(1))
-        h.append((P * X).sum(1))
-    return torch.cat(g), torch.cat(h)
+        if with_h:
+            h.append((P * X).sum(1))
+    return torch.cat(g), (torch.cat(h) if with_h else None)
 
 
 def _weighted_rows(anchors, cands, pos, tau, weights, diag_start):
@@ -481,9 +481,8 @@ class GCLLoss(ContrastiveLoss):
         self.scheme = cfg.temperature_scheme
         self.individual = self.scheme == "individual_learnable"
         self.learns_model_temperature = self.scheme == "global_learnable"
-        item = torch.empty((), dtype=dtype).element_size()
-        per_pair = (8 * item + 4) if self.individual else 2 * item
-        self.state_device, self.state_pinned = state_placement(n * per_pair, device, cfg.state_device)
+        self.state_device, self.state_pinned = state_placement(n * self._bytes_per_pair(self.individual, dtype),
+                                                               device, cfg.state_device)
 
         def table(fill, dt=dtype):
             t = torch.full((n,), fill, dtype=dt, device=self.state_device)
@@ -500,14 +499,25 @@ class GCLLoss(ContrastiveLoss):
                 self.register_buffer(name, table(0.0))
             self.register_buffer("tau_count", table(0, torch.int32))
 
+    @staticmethod
+    def _bytes_per_pair(individual: bool, dtype: torch.dtype) -> int:
+        """u1, u2; plus tau1, tau2 and their four Adam moments in ``dtype`` and an int32 counter (individual)."""
+        item = torch.empty((), dtype=dtype).element_size()
+        return 8 * item + 4 if individual else 2 * item
+
+    def state_bytes_per_pair(self) -> int:
+        return self._bytes_per_pair(self.individual, self.u1.dtype)
+
     def state_bytes(self) -> int:
         return self.data_size * self.state_bytes_per_pair()
 
-    def state_bytes_per_pair(self) -> int:
-        per = 2 * self.u1.element_size()
-        if self.individual:
-            per += 6 * self.u1.element_size() + self.tau_count.element_size()
-        return per
+    def state_summary(self) -> str:
+        """One line for the run log: size and place of the per-pair tables."""
+        n = self.state_bytes()
+        size = f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
+        where = "pinned host memory" if self.state_pinned else str(self.state_device)
+        return (f"loss state: {self.data_size} pairs x {self.state_bytes_per_pair()} B = {size} on {where} "
+                f"(every rank holds the whole table)")
 
     # -------------------------------------------------------------- helpers
     @staticmethod
@@ -602,8 +612,8 @@ class GCLLoss(ContrastiveLoss):
         blocked = b * B > self.block_logits and torch.is_grad_enabled()
         if blocked:
             with torch.no_grad():
-                g1, h1 = _exp_row_stats(e1, E2_live, pos, t1_loc, off, self.block_logits)
-                g2, h2 = _exp_row_stats(e2, E1_live, pos, t2_loc, off, self.block_logits)
+                g1, h1 = _exp_row_stats(e1, E2_live, pos, t1_loc, off, self.block_logits, self.individual)
+                g2, h2 = _exp_row_stats(e2, E1_live, pos, t2_loc, off, self.block_logits, self.individual)
         else:
             # D = <e_i, e'_j> - <e_i, e'_i>; X = D / tau; P = exp(X) with the pair's own column zeroed.
             P1, X1 = _exp_rows(e1, E2_live, pos, t1_loc, off)  # (b, B), live

@@ -224,12 +224,8 @@ def _train(args, denv) -> int:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     loss_fn = build_loss(args.loss_config, data_size=data_size, device=denv.device)
-    if hasattr(loss_fn, "state_bytes"):
-        where = "pinned host memory" if loss_fn.state_pinned else str(loss_fn.state_device)
-        nbytes = loss_fn.state_bytes()
-        size = f"{nbytes / 2 ** 30:.2f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.2f} MiB"
-        logger.info(f"loss state: {loss_fn.data_size} pairs x {loss_fn.state_bytes_per_pair()} B = {size} on {where} "
-                    f"(every rank holds the whole table)")
+    if hasattr(loss_fn, "state_summary"):  # the GCL family's per-pair tables
+        logger.info(loss_fn.state_summary())
     init_scale = loss_fn.initial_logit_scale()
     if init_scale is not None:
         with torch.no_grad():
