@@ -113,6 +113,8 @@ def main(argv=None) -> int:
             else:
                 rows.append(json.loads(line[0][7:]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if a.out:  # after every configuration: a run stopped by a time limit keeps what it measured
+                Path(a.out).write_text(json.dumps(rows, indent=1))
     print(f"| batch | chunks | chunk size | step s | peak MiB ({'GPU allocated' if 'cuda' in str(rows[0].get('device')) else 'CPU RSS added'}) |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -12,6 +12,7 @@ random L2-normalised (B, D) tensors with grad, as the encoders would hand them o
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block", default="auto", choices=["auto", "one", "blocked", "both"],
                     help="GCL form: the default switch at 2^24 entries (auto), forced, or both side by side")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="also write the rows as JSON (rewritten after every row)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
                 r = time_loss(name, batch, a.dim, device, blocked, a.repeats, max(a.data_size, batch), dtype)
                 rows.append(r)
                 print(f"# {r}", flush=True)
+                if a.out:
+                    Path(a.out).write_text(json.dumps({"device": str(device), "dim": a.dim, "dtype": a.dtype,
+                                                       "rows": rows}, indent=1))
     print(f"\nloss forward+backward, D={a.dim}, {a.dtype} features, {device}, one process "
           f"(default block threshold {BLOCK_LOGITS} entries)")
     print("| batch | loss | GCL form | ms (median) | × openclip | peak MiB |")

@@ -48,7 +48,9 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 OUR_MAIN = ROOT / "src" / "training" / "main.py"
 MODEL_CONFIG_DIR = ROOT / "src" / "fast_clip" / "model_configs"
 DEFAULT_PEER_PYTHON = ROOT / "bench" / ".peer_venv" / "bin" / "python"
-H100_BF16_TFLOPS = 790.0
+# Dense bf16 matrix rate of an H100/H200 SXM as measured on this project's GPU machine (8192^3 bf16 matmul on random
+# data: 769-798 TFLOP/s on an H200; the datasheet's ~990 is not reached by any real kernel). MFU is against this.
+HOPPER_BF16_TFLOPS = 790.0
 
 # Run inside each child: `python -c _LAUNCHER script|module TARGET ARGS...`. The trainer runs unchanged as __main__.
 _LAUNCHER = r"""
@@ -175,6 +177,20 @@ def flops_per_sample(model_name: str, image_size, batch: int = 2) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
+_LIVE: set[int] = set()  # process groups of running trainer children
+
+
+def _stop_children(signum, _frame):
+    """SIGTERM/SIGINT (e.g. bench/gpu_check.py's time limit): the trainers run in their own sessions, so take them
+    down with us instead of leaving them on the GPU."""
+    for pgid in list(_LIVE):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
 class Run:
     """One trainer child: stdout+stderr timestamped line by line as they arrive, and copied to a file."""
 
@@ -192,6 +208,7 @@ class Run:
                     console.write(line)
                     console.flush()
 
+            _LIVE.add(proc.pid)
             th = threading.Thread(target=reader, daemon=True)
             th.start()
             timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
@@ -200,6 +217,7 @@ class Run:
                 _, status, usage = os.wait4(proc.pid, 0)
             finally:
                 timer.cancel()
+                _LIVE.discard(proc.pid)
             proc.returncode = os.waitstatus_to_exitcode(status)
             th.join(timeout=30)
         self.returncode = proc.returncode
@@ -215,10 +233,14 @@ class Run:
         return "\n".join(line for _, line in self.lines[-n:])
 
 
-def child_env(extra: dict) -> dict:
+def child_env(extra: dict, pythonpath: str | None = None) -> dict:
+    """pythonpath, when given, replaces PYTHONPATH (the peer runs from its own package target, which must not see
+    ours: its webdataset is 0.2.86, ours 1.0.2)."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("BENCH_MODEL_CONFIG_DIR", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     env.update(extra)
     return env
 
@@ -304,7 +326,8 @@ def run_peer(a, split: Path, shards, log_every: int, logs: Path) -> dict:
            "--log-every-n-steps", str(log_every), "--logs", str(logs), "--name", name, "--save-frequency", "0"]
     if a.torchcompile:
         cmd.append("--torchcompile")
-    env = child_env({"BENCH_MEM_FILE": str(logs / f"{name}.mem.json"), "BENCH_MODEL_CONFIG_DIR": str(MODEL_CONFIG_DIR)})
+    env = child_env({"BENCH_MEM_FILE": str(logs / f"{name}.mem.json"), "BENCH_MODEL_CONFIG_DIR": str(MODEL_CONFIG_DIR)},
+                    a.peer_pythonpath)
     run = Run(name, cmd, env, logs / f"{name}.console.log", logs / f"{name}.mem.json", a.timeout)
     out_log = logs / name / "out.log"
     text = out_log.read_text() if out_log.is_file() else "\n".join(l for _, l in run.lines)
@@ -339,6 +362,9 @@ def table(rows: list[dict], peer: dict | None) -> str:
             "compute ms |")
     out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            out.append(f"| {r['trainer']} | {r['loss']} | failed: {r['error'][:80]} |" + " |" * 7)
+            continue
         ratio = r["samples_per_s"] / peer["samples_per_s"] if peer else None
         out.append(f"| {r['trainer']} | {r['loss']} | {r['samples_per_s']:.1f} | {fmt(ratio, '.2f')} | "
                    f"{fmt(r['wall_samples_per_s'], '.1f')} | {fmt(r['mfu'], '.1%')} | {r['data_wait_share']:.1%} | "
@@ -354,10 +380,10 @@ def device_info() -> dict:
     return {"device": "cpu", "name": f"CPU, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads()}
 
 
-def peer_versions(peer_python: Path) -> dict:
+def peer_versions(peer_python: Path, pythonpath: str | None = None) -> dict:
     code = ("import importlib.metadata as m, json; import open_clip_train.main; "
             "print(json.dumps({k: m.version(k) for k in ('torch', 'open_clip_torch', 'webdataset')}))")
-    p = subprocess.run([str(peer_python), "-c", code], capture_output=True, text=True)
+    p = subprocess.run([str(peer_python), "-c", code], capture_output=True, text=True, env=child_env({}, pythonpath))
     if p.returncode != 0:
         raise SystemExit(f"error: the peer environment {peer_python} cannot import open_clip_train:\n"
                          f"{p.stderr[-2000:]}\nre-create it with: bash bench/peer_env.sh")
@@ -376,11 +402,15 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=20, help="Steps run first and excluded from the figures.")
     p.add_argument("--precision", choices=["amp_bf16", "fp32"], default="amp_bf16")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"Peak of the device for MFU; default {H100_BF16_TFLOPS} (H100 bf16) on CUDA, none (MFU n/a) on CPU.")
+                   help=f"Peak of the device for MFU; default {HOPPER_BF16_TFLOPS} (H100/H200 bf16 dense, measured) on CUDA, "
+                        "none (MFU n/a) on CPU.")
     p.add_argument("--losses", nargs="+", default=["openclip", "fastclip-v3"], help="Our loss variants to run.")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="Also run open_clip_train.")
     p.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
                    help="Python of the peer environment (bash bench/peer_env.sh).")
+    p.add_argument("--peer-pythonpath", default=None,
+                   help="PYTHONPATH for the peer instead of ours: a `pip install --target` folder holding open_clip_torch "
+                        "and webdataset 0.2.86 (bench/gpu_check.sh), with --peer-python the same interpreter as ours.")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--torchcompile", action="store_true", help="Pass --torchcompile to both trainers.")
     p.add_argument("--timeout", type=float, default=1800, help="Seconds per trainer run before it is killed.")
@@ -398,6 +428,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_children)
     split = find_split(a.shards)
     shards = read_sizes(split)
     n_pairs = sum(n for _, n in shards)
@@ -414,11 +446,11 @@ def main(argv=None) -> int:
         ok, why = peer_capacity_ok(shards, a.batch_size, a.workers, total + 1)
         if not ok:
             raise SystemExit(f"error: {why}")
-        versions = peer_versions(a.peer_python)
+        versions = peer_versions(a.peer_python, a.peer_pythonpath)
     else:
         versions = None
     dev = device_info()
-    peak_tflops = a.peak_tflops if a.peak_tflops is not None else (H100_BF16_TFLOPS if dev["device"] == "cuda" else None)
+    peak_tflops = a.peak_tflops if a.peak_tflops is not None else (HOPPER_BF16_TFLOPS if dev["device"] == "cuda" else None)
     if dev["device"] == "cpu" and a.precision == "amp_bf16":
         print("note: on CPU our trainer runs amp_bf16 as fp32 but open_clip_train autocasts to bf16; "
               "use --precision fp32 for a like-for-like CPU run", file=sys.stderr)
@@ -436,39 +468,60 @@ def main(argv=None) -> int:
           f"into the page cache) | {fl / 1e9:.2f} GFLOP per sample per step (counted in {flop_s:.1f}s) | peak "
           f"{fmt(peak_tflops, '.0f')} TFLOP/s | peer: {versions or 'off'} | logs: {logs}", flush=True)
 
-    rows = []
-    for loss in a.losses:
-        print(f"... ours, loss {loss}", flush=True)
-        rows.append(run_ours(a, split, loss, log_every, logs))
-    peer = None
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+              "device": dev, "peak_tflops": peak_tflops, "flops_per_sample": fl, "shards": str(split),
+              "num_shards": len(shards), "num_pairs": n_pairs, "log_every": log_every, "peer_versions": versions,
+              "logs": str(logs), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    jobs = [(f"ours, loss {loss}", "ours", loss, lambda loss=loss: run_ours(a, split, loss, log_every, logs))
+            for loss in a.losses]
     if a.peer:
-        print("... open_clip_train", flush=True)
-        peer = run_peer(a, split, shards, log_every, logs)
-        rows.append(peer)
-    for r in rows:
-        r["mfu"] = r["samples_per_s"] * fl / (peak_tflops * 1e12) if peak_tflops else None
-        r["ratio_to_peer"] = r["samples_per_s"] / peer["samples_per_s"] if peer else None
-        if peer and r["wall_samples_per_s"] and peer["wall_samples_per_s"]:
-            r["wall_ratio_to_peer"] = r["wall_samples_per_s"] / peer["wall_samples_per_s"]
+        jobs.append(("open_clip_train", "open_clip_train", "openclip (ClipLoss)",
+                     lambda: run_peer(a, split, shards, log_every, logs)))
+    rows = result["rows"]
+    for title, trainer, loss, job in jobs:
+        print(f"... {title}", flush=True)
+        try:
+            rows.append(job())
+        except RuntimeError as e:  # one failed or killed trainer must not lose the figures of the others
+            print(f"error: {title}: {e}", file=sys.stderr, flush=True)
+            rows.append({"trainer": trainer, "loss": loss, "error": str(e).splitlines()[0]})
+        finish_rows(rows, fl, peak_tflops)
+        a.out.write_text(json.dumps(result, indent=2))  # after every trainer: a later overrun loses nothing
     if not a.keep_checkpoints:
         for ck in logs.glob("*/checkpoints"):
             shutil.rmtree(ck, ignore_errors=True)
 
+    peer = next((r for r in rows if r["trainer"] == "open_clip_train" and "error" not in r), None)
     print()
     print(table(rows, peer))
-    by_loss = {r["loss"]: r for r in rows if r["trainer"] == "ours"}
+    ratio = v3_ratio(rows)
+    if ratio:
+        print(f"\nFastCLIP-v3 vs InfoNCE (ours): step time {ratio['step'] - 1:+.1%}, "
+              f"compute time {ratio['compute'] - 1:+.1%}")
+    print(f"\nwrote {a.out}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def finish_rows(rows: list[dict], fl: float, peak_tflops: float | None) -> None:
+    """MFU and the ratios to the peer, for the rows measured so far."""
+    peer = next((r for r in rows if r["trainer"] == "open_clip_train" and "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            continue
+        r["mfu"] = r["samples_per_s"] * fl / (peak_tflops * 1e12) if peak_tflops else None
+        r["ratio_to_peer"] = r["samples_per_s"] / peer["samples_per_s"] if peer else None
+        if peer and r["wall_samples_per_s"] and peer["wall_samples_per_s"]:
+            r["wall_ratio_to_peer"] = r["wall_samples_per_s"] / peer["wall_samples_per_s"]
+
+
+def v3_ratio(rows: list[dict]) -> dict | None:
+    """FastCLIP-v3 over InfoNCE, our trainer: step and compute time ratios (None unless both ran)."""
+    by_loss = {r["loss"]: r for r in rows if r["trainer"] == "ours" and "error" not in r}
     if "openclip" in by_loss and "fastclip-v3" in by_loss:
         o, f = by_loss["openclip"], by_loss["fastclip-v3"]
-        print(f"\nFastCLIP-v3 vs InfoNCE (ours): step time {f['step_ms'] / o['step_ms'] - 1:+.1%}, "
-              f"compute time {f['compute_ms'] / o['compute_ms'] - 1:+.1%}")
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-              "device": dev, "peak_tflops": peak_tflops, "flops_per_sample": fl, "shards": str(split),
-              "num_shards": len(shards), "num_pairs": n_pairs, "log_every": log_every, "peer_versions": versions,
-              "logs": str(logs), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {a.out}")
-    return 0
+        return {"step": f["step_ms"] / o["step_ms"], "compute": f["compute_ms"] / o["compute_ms"]}
+    return None
 
 
 if __name__ == "__main__":

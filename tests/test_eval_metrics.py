@@ -130,7 +130,7 @@ def test_chunked_equals_full(quantise):
                 assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), (cs, k)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_cuda_path_equals_cpu():
     torch.manual_seed(0)
     q = torch.round(torch.randn(300, 16) * 4) / 4

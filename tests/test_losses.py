@@ -523,7 +523,7 @@ def test_state_device_flag_and_build():
     assert all(b.device.type == "cpu" for b in loss.buffers())  # scalars (epoch, gamma, step) stay on the host
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["fastclip-v3", "fastclip-v2"])
 def test_pinned_host_tables_match_device_tables(variant):
     dev = torch.device("cuda")
