@@ -35,21 +35,30 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return loss, flags
 
 
-def run(shards: str, spec: str, seed: int, batch: int, epochs: int, lr: float, logs: str) -> list[tuple[int, float]]:
+def run(shards: str, spec: str, seed: int, batch: int, epochs: int, lr: float, logs: str) -> dict:
+    """One training run; returns its test R@1 after every epoch and its temperature (tau; the batch mean of the
+    per-pair temperatures for individual_learnable) at every logged step."""
     loss, flags = parse_spec(spec)
     name = f"{spec.replace('+', '_').replace(',', '_').replace('=', '')}-s{seed}-b{batch}"
     cmd = [sys.executable, MAIN, "--train-data", f"{shards}/train", "--val-data", f"{shards}/test",
            "--val-frequency", "1", "--model", "PersonTiny", "--loss", loss, *flags, "--batch-size", str(batch),
            "--epochs", str(epochs), "--lr", str(lr), "--warmup", "50", "--workers", "1", "--seed", str(seed),
-           "--logs-dir", logs, "--name", name, "--log-every-n-steps", "1000", "--no-augment"]
+           "--logs-dir", logs, "--name", name, "--log-every-n-steps", "33", "--no-augment"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
-    curve = []
+                   env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"})
+    curve, tau = [], []
     for line in open(Path(logs) / name / "train_log.jsonl"):
         r = json.loads(line)
         if r.get("kind", "").startswith("val") and "R1" in r:
             curve.append((r["step"], r["R1"]))
-    return curve
+        elif r.get("kind") == "train" and "tau" in r:
+            tau.append((r["step"], r["tau"]))
+    return {"r1": curve, "tau": tau}
+
+
+def r1_curve(entry):
+    """Entries of older studies hold the R@1 curve alone."""
+    return entry["r1"] if isinstance(entry, dict) else entry
 
 
 def steps_to_reach(curve, target):
@@ -68,28 +77,37 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="bench/results/loss_study")
+    ap.add_argument("--jobs", type=int, default=1, help="Runs at a time (each one thread).")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "curves.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for loss in a.losses:
-        for seed in a.seeds:
-            key = f"{loss}/{seed}"
-            if key in results:  # re-runs continue a partial study
-                continue
-            results[key] = run(a.shards, loss, seed, a.batch_size, a.epochs, a.lr, str(out / "logs"))
+    todo = [(loss, seed) for loss in a.losses for seed in a.seeds if f"{loss}/{seed}" not in results]
+    from concurrent.futures import ThreadPoolExecutor  # re-runs continue a partial study
+
+    def one(job):
+        loss, seed = job
+        return f"{loss}/{seed}", run(a.shards, loss, seed, a.batch_size, a.epochs, a.lr, str(out / "logs"))
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        for key, entry in pool.map(one, todo):
+            results[key] = entry
             results_path.write_text(json.dumps(results, indent=1))
-            print(f"{key}: final R@1 {results[key][-1][1]:.2f}", flush=True)
+            print(f"{key}: final R@1 {entry['r1'][-1][1]:.2f}", flush=True)
 
     import numpy as np
     summary = {}
     for loss in a.losses:
-        curves = [results[f"{loss}/{s}"] for s in a.seeds]
+        curves = [r1_curve(results[f"{loss}/{s}"]) for s in a.seeds]
         steps = [s for s, _ in curves[0]]
         r1 = np.array([[v for _, v in c] for c in curves])
         summary[loss] = {"steps": steps, "mean": r1.mean(0).tolist(), "min": r1.min(0).tolist(),
                          "max": r1.max(0).tolist(), "final": [c[-1][1] for c in curves]}
+        taus = [results[f"{loss}/{s}"].get("tau", []) for s in a.seeds if isinstance(results[f"{loss}/{s}"], dict)]
+        if taus and all(taus) and len({len(t) for t in taus}) == 1:
+            summary[loss]["tau_steps"] = [s for s, _ in taus[0]]
+            summary[loss]["tau_mean"] = np.array([[v for _, v in t] for t in taus]).mean(0).tolist()
     ref = float(np.mean(summary["openclip"]["final"])) if "openclip" in summary else None
     total = summary[a.losses[0]]["steps"][-1]
     print(f"\nglobal batch {a.batch_size}, {total} steps, seeds {a.seeds}, PersonTiny on {a.shards}")
@@ -104,7 +122,9 @@ def main(argv=None) -> int:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
+        with_tau = any("tau_mean" in s for s in summary.values())
+        fig, axes = plt.subplots(1, 2 if with_tau else 1, figsize=(12 if with_tau else 6, 4), squeeze=False)
+        ax = axes[0][0]
         for loss, s in summary.items():
             ax.plot(s["steps"], s["mean"], marker="o", label=loss)
             ax.fill_between(s["steps"], s["min"], s["max"], alpha=0.2)
@@ -112,7 +132,17 @@ def main(argv=None) -> int:
         ax.set_ylabel("test R@1 (%)")
         ax.set_title(f"synthetic persons, global batch {a.batch_size}, {len(a.seeds)} seeds")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
+        if with_tau:
+            ax = axes[0][1]
+            for loss, s in summary.items():
+                if "tau_mean" in s:
+                    ax.plot(s["tau_steps"], s["tau_mean"], label=loss)
+            ax.set_xlabel("optimizer steps")
+            ax.set_ylabel("learnt temperature tau (mean over seeds)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "r1_curves.png", dpi=120)
         print(f"plot: {out / 'r1_curves.png'}")

@@ -35,7 +35,7 @@ class RunConfig:
         self.batches_per_epoch = batches_per_epoch
         # --max-steps stops early (a simulated pre-emption) without changing the schedule of the full run.
         self.total_steps = batches_per_epoch * args.epochs
-        self.lr, self.warmup, self.lr_scheduler = args.lr, args.warmup, args.lr_scheduler
+        self.lr, self.warmup, self.lr_scheduler, self.lr_min = args.lr, args.warmup, args.lr_scheduler, args.lr_min
         self.seed, self.precision, self.grad_clip_norm = args.seed, args.precision, args.grad_clip_norm
         self.log_every, self.save_every, self.max_steps = args.log_every_n_steps, args.save_every_n_steps, args.max_steps
         self.max_nonfinite_steps = args.max_nonfinite_steps
@@ -294,10 +294,16 @@ def _train(args, denv) -> int:
                 break
             state.epoch += 1
             state.batch_in_epoch = 0
-            hooks.save(state, epoch_file=state.epoch)
-            logger.info(f"epoch {state.epoch} done; checkpoint epoch_{state.epoch}.pt")
+            # epoch_N.pt every --save-frequency epochs and at the last one (eval.sh scores the final epoch);
+            # latest.pt (the resume point) at every epoch end
+            keep = args.save_frequency > 0 and (state.epoch % args.save_frequency == 0 or state.epoch == args.epochs)
+            hooks.save(state, epoch_file=state.epoch if keep else None)
+            logger.info(f"epoch {state.epoch} done; checkpoint {f'epoch_{state.epoch}.pt' if keep else 'latest.pt'}")
             if args.val_frequency and state.epoch % args.val_frequency == 0:
                 _validate(args, model, tokenizer, state, logger)
+            if args.stop_epochs and args.stop_epochs <= state.epoch < args.epochs:
+                status = f"stopped at --stop_epochs {args.stop_epochs}"
+                break
     except NonFiniteError as e:
         logger.warning(str(e))
         status = "stopped: non-finite"

@@ -35,14 +35,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, wd: float, betas=(0.9, 0.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def lr_at(step: int, base_lr: float, warmup: int, total_steps: int, kind: str = "cosine") -> float:
-    """Linear warm-up to ``base_lr`` over ``warmup`` steps, then cosine to 0 at ``total_steps`` (or constant)."""
+def lr_at(step: int, base_lr: float, warmup: int, total_steps: int, kind: str = "cosine", lr_min: float = 0.0) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup`` steps, then cosine to ``lr_min`` at ``total_steps`` (or
+    constant), as open_clip's and FastCLIP's schedulers."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     if kind == "const":
         return base_lr
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * base_lr
+    return lr_min + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (base_lr - lr_min)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, temperature_lr: float | None = None) -> None:

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eps", type=float, default=1e-6)
     o.add_argument("--warmup", type=int, default=100, help="Warm-up steps.")
     o.add_argument("--lr-scheduler", choices=["cosine", "const"], default="cosine")
+    o.add_argument("--lr_min", "--lr-min", dest="lr_min", type=float, default=0.0,
+                   help="The cosine schedules (model, and the temperature's with --lr_tau_scheduler cosine) end here.")
+    o.add_argument("--stop_epochs", "--stop-epochs", dest="stop_epochs", type=int, default=None,
+                   help="Stop after this many epochs while every schedule still spans --epochs (FastCLIP's flag).")
     o.add_argument("--grad-clip-norm", type=float, default=None)
     o.add_argument("--precision", choices=["amp_bf16", "fp32"], default="amp_bf16",
                    help="amp_bf16 autocasts on CUDA; on CPU it falls back to fp32 (CPU bf16 autocast is slow).")
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", default=None, help="'latest' or a checkpoint path.")
     c.add_argument("--save-every-n-steps", type=int, default=0, help="Also save latest.pt every N steps (0: epoch ends only).")
     c.add_argument("--keep-epoch-checkpoints", action="store_true", default=True)
+    c.add_argument("--save-frequency", type=int, default=1,
+                   help="Write epoch_N.pt every N epochs and at the last epoch (0: none; latest.pt is always written).")
     c.add_argument("--report-to", default="", help="'tensorboard' to write event files.")
     c.add_argument("--log-every-n-steps", type=int, default=10)
     c.add_argument("--log-keys", action="store_true",
@@ -140,6 +146,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("--lr", "must be > 0")
     if args.warmup < 0:
         fail("--warmup", "must be >= 0")
+    if not 0 <= args.lr_min <= args.lr:
+        fail("--lr_min", f"must be in [0, --lr={args.lr}], got {args.lr_min}")
+    if args.stop_epochs is not None and not 1 <= args.stop_epochs <= args.epochs:
+        fail("--stop_epochs", f"must be in [1, --epochs={args.epochs}], got {args.stop_epochs}")
+    if args.save_frequency < 0:
+        fail("--save-frequency", "must be >= 0")
     if args.shuffle_buffer < 1:
         fail("--shuffle-buffer", "must be >= 1")
     if args.val_frequency and not args.val_data:

@@ -98,9 +98,11 @@ def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg,
         if state.batch_in_epoch >= cfg.batches_per_epoch:
             break
         data_time = time.perf_counter() - t_data
-        lr = lr_at(state.global_step, cfg.lr, cfg.warmup, total_steps, cfg.lr_scheduler)
+        lr = lr_at(state.global_step, cfg.lr, cfg.warmup, total_steps, cfg.lr_scheduler, cfg.lr_min)
         tau_now = 1.0 / float(unwrap(model).logit_scale.detach().exp())
-        set_lr(optimizer, lr, objective.loss_fn.temperature_lr(lr, tau_now))
+        set_lr(optimizer, lr, objective.loss_fn.temperature_lr(
+            lr, tau_now, step=state.global_step, base_lr=cfg.lr, warmup=cfg.warmup, total_steps=total_steps,
+            lr_min=cfg.lr_min))
         # Per-step seeding keeps dropout and any other main-process randomness identical after a resume.
         torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 101 + dist_utils.rank())
         t0 = time.perf_counter()
