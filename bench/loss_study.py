@@ -35,25 +35,36 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return loss, flags
 
 
+def run_name(spec: str, seed: int, batch: int) -> str:
+    return f"{spec.replace('+', '_').replace(',', '_').replace('=', '')}-s{seed}-b{batch}"
+
+
+def read_run(log: Path) -> dict:
+    """Test R@1 / mAP / mINP after every epoch and the temperature (tau; the batch mean of the per-pair temperatures
+    for individual_learnable) at every logged step, from a run's train_log.jsonl."""
+    curve, tau, extra = [], [], {"mAP": [], "mINP": []}
+    for line in open(log):
+        r = json.loads(line)
+        if r.get("kind", "").startswith("val") and "R1" in r:
+            curve.append((r["step"], r["R1"]))
+            for k in extra:
+                extra[k].append((r["step"], r.get(k)))
+        elif r.get("kind") == "train" and "tau" in r:
+            tau.append((r["step"], r["tau"]))
+    return {"r1": curve, "tau": tau, **extra}
+
+
 def run(shards: str, spec: str, seed: int, batch: int, epochs: int, lr: float, logs: str) -> dict:
-    """One training run; returns its test R@1 after every epoch and its temperature (tau; the batch mean of the
-    per-pair temperatures for individual_learnable) at every logged step."""
+    """One training run (read_run of its log)."""
     loss, flags = parse_spec(spec)
-    name = f"{spec.replace('+', '_').replace(',', '_').replace('=', '')}-s{seed}-b{batch}"
+    name = run_name(spec, seed, batch)
     cmd = [sys.executable, MAIN, "--train-data", f"{shards}/train", "--val-data", f"{shards}/test",
            "--val-frequency", "1", "--model", "PersonTiny", "--loss", loss, *flags, "--batch-size", str(batch),
            "--epochs", str(epochs), "--lr", str(lr), "--warmup", "50", "--workers", "1", "--seed", str(seed),
            "--logs-dir", logs, "--name", name, "--log-every-n-steps", "33", "--no-augment"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"})
-    curve, tau = [], []
-    for line in open(Path(logs) / name / "train_log.jsonl"):
-        r = json.loads(line)
-        if r.get("kind", "").startswith("val") and "R1" in r:
-            curve.append((r["step"], r["R1"]))
-        elif r.get("kind") == "train" and "tau" in r:
-            tau.append((r["step"], r["tau"]))
-    return {"r1": curve, "tau": tau}
+    return read_run(Path(logs) / name / "train_log.jsonl")
 
 
 def r1_curve(entry):
@@ -78,11 +89,22 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="bench/results/loss_study")
     ap.add_argument("--jobs", type=int, default=1, help="Runs at a time (each one thread).")
+    ap.add_argument("--rescan", nargs="*", default=None, metavar="LOGS_DIR",
+                    help="Rebuild every entry whose run folder is in OUT/logs (or these folders) from its log: picks up "
+                         "mAP/mINP and tau for runs recorded by an older version of this script.")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "curves.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if a.rescan is not None:
+        for loss in a.losses:
+            for seed in a.seeds:
+                for d in [out / "logs", *map(Path, a.rescan)]:
+                    log = d / run_name(loss, seed, a.batch_size) / "train_log.jsonl"
+                    if log.is_file():
+                        results[f"{loss}/{seed}"] = read_run(log)
+        results_path.write_text(json.dumps(results, indent=1))
     todo = [(loss, seed) for loss in a.losses for seed in a.seeds if f"{loss}/{seed}" not in results]
     from concurrent.futures import ThreadPoolExecutor  # re-runs continue a partial study
 
@@ -104,6 +126,10 @@ def main(argv=None) -> int:
         r1 = np.array([[v for _, v in c] for c in curves])
         summary[loss] = {"steps": steps, "mean": r1.mean(0).tolist(), "min": r1.min(0).tolist(),
                          "max": r1.max(0).tolist(), "final": [c[-1][1] for c in curves]}
+        entries = [results[f"{loss}/{s}"] for s in a.seeds]
+        for k in ("mAP", "mINP"):
+            if all(isinstance(e, dict) and e.get(k) for e in entries):
+                summary[loss][k + "_final"] = [e[k][-1][1] for e in entries]
         taus = [results[f"{loss}/{s}"].get("tau", []) for s in a.seeds if isinstance(results[f"{loss}/{s}"], dict)]
         if taus and all(taus) and len({len(t) for t in taus}) == 1:
             summary[loss]["tau_steps"] = [s for s, _ in taus[0]]
@@ -111,12 +137,16 @@ def main(argv=None) -> int:
     ref = float(np.mean(summary["openclip"]["final"])) if "openclip" in summary else None
     total = summary[a.losses[0]]["steps"][-1]
     print(f"\nglobal batch {a.batch_size}, {total} steps, seeds {a.seeds}, PersonTiny on {a.shards}")
-    print("| loss | final R@1 mean | min | max | steps to openclip's final R@1 (mean curve) |")
-    print("|---|---|---|---|---|")
+    print("| loss | final R@1 mean | min | max | final mAP mean | final mINP mean | final tau (mean) | "
+          "steps to openclip's final R@1 (mean curve) |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda s, k: f"{np.mean(s[k]):.2f}" if k in s else "n/a"  # noqa: E731
     for loss, s in summary.items():
         reach = steps_to_reach(list(zip(s["steps"], s["mean"])), ref) if ref is not None else None
         share = f"{reach} ({100 * reach / total:.0f}%)" if reach else "not reached"
-        print(f"| {loss} | {np.mean(s['final']):.2f} | {min(s['final']):.2f} | {max(s['final']):.2f} | {share} |")
+        tau = f"{s['tau_mean'][-1]:.4f}" if "tau_mean" in s else "n/a"
+        print(f"| {loss} | {np.mean(s['final']):.2f} | {min(s['final']):.2f} | {max(s['final']):.2f} | "
+              f"{fmt(s, 'mAP_final')} | {fmt(s, 'mINP_final')} | {tau} | {share} |")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     try:
         import matplotlib

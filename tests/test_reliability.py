@@ -70,7 +70,7 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
         assert torch.equal(v, before[k]), k
 
     class Cfg:
-        batches_per_epoch, total_steps, lr, warmup, lr_scheduler, seed = 10, 10, 1e-3, 0, "cosine", 0
+        batches_per_epoch, total_steps, lr, warmup, lr_scheduler, seed, lr_min = 10, 10, 1e-3, 0, "cosine", 0, 0.0
         precision, grad_clip_norm, log_every, save_every, max_steps, max_nonfinite_steps = "fp32", None, 100, 0, None, 3
         accum_chunks, mixup_beta, device_augment = 1, 0.0, None
 
