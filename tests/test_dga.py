@@ -121,6 +121,7 @@ def test_dga_with_text_mixup_equals_single_pass():
             torch.testing.assert_close(g4[n], g1[n], rtol=1e-9, atol=1e-12, msg=f"{mix.target}: {n}")
 
 
+@pytest.mark.slow
 def test_dga_two_processes_equal_one_pass_with_one_allreduce_per_step(tmp_path):
     worker = str(ROOT / "tests" / "dist_train_worker.py")
     torchrun(1, worker, tmp_path / "ref.pt", "fastclip-v3")
@@ -262,6 +263,7 @@ def test_debiased_batches_are_single_source_same_on_all_ranks_and_read_each_pair
     assert [int(x["sources"][0]) for x in st] == D.debiased_plan([6, 16], 1, 1)[5:]
 
 
+@pytest.mark.slow
 def test_debiased_sampling_trains_and_counts_sources(tmp_path):
     a = write_shards(str(tmp_path / "a"), num_ids=8, shard_size=16)            # 32 pairs
     b = write_shards(str(tmp_path / "b"), num_ids=16, shard_size=16, seed=1)   # 64 pairs

@@ -87,6 +87,7 @@ def tiny_run(tmp_path_factory):
     return dict(tmp=tmp, run=run, shards=shards, n_samples=n_samples, n_images=n_images, model=model)
 
 
+@pytest.mark.slow
 def test_eval_sh_on_tiny_run(tiny_run):
     run = tiny_run["run"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -110,6 +111,7 @@ def test_eval_sh_on_tiny_run(tiny_run):
     assert "| synth |" in res.stdout and "| synth |" in (out / "epoch_2.md").read_text()
 
 
+@pytest.mark.slow
 def test_epoch_and_data_options(tiny_run, tmp_path, capsys):
     run, test_dir = tiny_run["run"], tiny_run["shards"] / "test"
     lst = tmp_path / "list.txt"
@@ -123,6 +125,7 @@ def test_epoch_and_data_options(tiny_run, tmp_path, capsys):
     assert results["synth"] == results["synth_2"] == results["mylist"]
 
 
+@pytest.mark.slow
 def test_pretrained_mode_and_evaluate_model(tiny_run, tmp_path, capsys):
     from fast_clip.model import get_tokenizer
     from training.transforms import build_transform
@@ -146,6 +149,7 @@ def test_pretrained_mode_and_evaluate_model(tiny_run, tmp_path, capsys):
         assert res["pre"][k] == pytest.approx(from_cli[k], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_dataset_naming_and_defaults(tiny_run):
     shards = tiny_run["shards"]
     assert dataset_name(str(shards / "test")) == "synth"
@@ -171,12 +175,14 @@ def test_error_run_without_checkpoints(tmp_path, capsys):
     assert "checkpoints" in err and "no epoch_N.pt" in err
 
 
+@pytest.mark.slow
 def test_error_missing_epoch_and_missing_run(tiny_run, tmp_path, capsys):
     err = _err([str(tiny_run["run"]), "--epoch", "7"], capsys)
     assert "epoch_7.pt" in err and "1, 2" in err
     assert "does not exist" in _err([str(tmp_path / "nope")], capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop,needle", [("txt", "lacks txt"), ("jpg", "lacks image"), ("pid", "'pid' and 'image_id'")])
 def test_error_bad_shards(tiny_run, tmp_path, capsys, drop, needle):
     bad = tmp_path / "bad" / "test"
@@ -185,11 +191,13 @@ def test_error_bad_shards(tiny_run, tmp_path, capsys, drop, needle):
     assert needle in err and "test-000000.tar" in err and "000000" in err
 
 
+@pytest.mark.slow
 def test_error_no_such_data(tiny_run, tmp_path, capsys):
     assert "does not exist" in _err([str(tiny_run["run"]), "--data", str(tmp_path / "x.tar")], capsys)
     assert "matches no shard" in _err([str(tiny_run["run"]), "--data", str(tmp_path / "*.tar")], capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,needle", [({"layers": 4}, "missing keys"), ({"width": 64, "head_width": 16},
                                                                                 "does not match model")])
 def test_error_model_does_not_match_checkpoint(tiny_run, tmp_path, capsys, change, needle):
@@ -210,6 +218,7 @@ def test_error_model_does_not_match_checkpoint(tiny_run, tmp_path, capsys, chang
     assert needle in err and "epoch_3.pt" in err
 
 
+@pytest.mark.slow
 def test_error_unknown_model_and_unsafe_checkpoint(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -222,6 +231,7 @@ def test_error_unknown_model_and_unsafe_checkpoint(tiny_run, tmp_path, capsys):
     assert "NoSuchNet" in _err([str(run), "--data", str(tiny_run["shards"] / "test")], capsys)
 
 
+@pytest.mark.slow
 def test_error_exit_code_from_the_script(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "scripts" / "eval.sh"), str(tmp_path / "missing run")],
                          capture_output=True, text=True, timeout=60)

@@ -47,6 +47,7 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_files_and_dynamic_batch(exported):
     out = exported["out"]
     for name, inp, outp, rank in (("image_encoder.onnx", "image", "image_embedding", 4),
@@ -62,6 +63,7 @@ def test_files_and_dynamic_batch(exported):
         assert i.type.tensor_type.elem_type == (onnx.TensorProto.FLOAT if inp == "image" else onnx.TensorProto.INT64)
 
 
+@pytest.mark.slow
 def test_onnxruntime_matches_torch(exported):
     """Independent of the exporter's own check: reload the model from the checkpoint, compare at batch 1 and 5."""
     from fast_clip.model import create_model, get_tokenizer
@@ -90,6 +92,7 @@ def test_onnxruntime_matches_torch(exported):
     np.testing.assert_allclose(row[0], got_t[2], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_json(exported):
     rep = json.loads((exported["out"] / "export.json").read_text())
     assert rep["model"] == "PersonTiny" and rep["epoch"] == 1
@@ -111,6 +114,7 @@ def test_export_json(exported):
     assert rep["versions"] == {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
 
+@pytest.mark.slow
 def test_export_sh(exported, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
@@ -154,6 +158,7 @@ def test_missing_or_bad_checkpoint(tmp_path, capsys):
     assert not (run / "onnx").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_diff_above_atol_fails(exported, tmp_path, monkeypatch, capsys):
     """The tolerance gate, without a second export: pretend onnxruntime disagrees."""
     src = exported["out"]

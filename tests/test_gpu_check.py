@@ -88,6 +88,7 @@ def test_a_step_over_its_limit_is_killed_and_later_steps_still_run(tmp_path, whe
     assert str(tmp_path / "work") not in ps
 
 
+@pytest.mark.slow
 def test_missing_wheels_is_one_error_line(tmp_path):
     env = {**os.environ, "WHEELS": str(tmp_path / "none"), "PEER_WHEELS": str(tmp_path / "none"),
            "OUT": str(tmp_path / "out")}

@@ -9,6 +9,7 @@ from fast_clip.model import create_model
 from test_training import MAIN, ROOT, run_main, tiny_shards, torchrun  # noqa: F401 (fixture)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--arcface-subcenters", "2"], ["--accum-freq", "2"]])
 def test_id_head_two_processes_equal_one_process(tmp_path, extra):
     worker = str(ROOT / "tests" / "dist_train_worker.py")
@@ -25,6 +26,7 @@ def test_id_head_two_processes_equal_one_process(tmp_path, extra):
     assert set(one["model"]) == set(plain)  # the head is not inside the open_clip state dict
 
 
+@pytest.mark.slow
 def test_id_loss_run_logs_it_and_resumes_with_the_head(tmp_path, tiny_shards):
     common = ["--train-data", tiny_shards["dir"], "--model", "PersonTiny", "--batch-size", 8, "--workers", 1,
               "--epochs", 1, "--logs-dir", tmp_path, "--warmup", 1, "--log-every-n-steps", 1, "--loss", "openclip",
@@ -42,6 +44,7 @@ def test_id_loss_run_logs_it_and_resumes_with_the_head(tmp_path, tiny_shards):
     assert all("id_loss" in r and "id_acc_img" in r and "id_acc_txt" in r for r in logs)
 
 
+@pytest.mark.slow
 def test_reference_model_init_distill_and_locked_temperature(tmp_path, tiny_shards):
     torch.manual_seed(123)
     teacher = create_model("PersonTiny")

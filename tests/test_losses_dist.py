@@ -31,6 +31,7 @@ def two_rank_results(tmp_path_factory):
     return torch.load(out / "result.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-matrix", "row-blocks"])
 @pytest.mark.parametrize("variant", W.VARIANTS)
 def test_two_ranks_match_single_process(two_rank_results, variant, blocked):

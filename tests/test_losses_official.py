@@ -328,6 +328,7 @@ def test_estimator_reset_rule_official():
 
 
 # ------------------------------------------------------------------------------------- flag parity
+@pytest.mark.slow
 def test_official_readme_launch_command_runs(tmp_path):
     """The official README's FastCLIP-v3 launch command, with only paths and sizes changed, trains here."""
     from shard_fixtures import write_shards

@@ -20,6 +20,7 @@ def _train_args(shards_dir, logs, name, *extra):
             "--logs-dir", logs, "--name", name, "--warmup", 1, "--loss", "fastclip-v1", *extra]
 
 
+@pytest.mark.slow
 def test_corrupt_samples_are_counted_exactly_and_training_completes(tmp_path):
     # 128 pairs in 8 shards; faults in shards 0-5, shard 7 truncated in the middle.
     faults = {3: "bad_image", 20: "bad_image", 37: "bad_image", 50: "bad_image", 66: "bad_image", 90: "bad_image",
@@ -38,6 +39,7 @@ def test_corrupt_samples_are_counted_exactly_and_training_completes(tmp_path):
     assert "skipped_bad_image" in (tmp_path / "faults" / "train_log.jsonl").read_text() or "bad_image" in log
 
 
+@pytest.mark.slow
 def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path):
     info = write_shards(str(tmp_path / "s"), num_ids=8, shard_size=16,
                         corrupt={k: "bad_image" for k in range(32)})
@@ -49,6 +51,7 @@ def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 120
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
     from fast_clip.losses import LossConfig, build_loss
     from fast_clip.model import create_model, get_tokenizer
@@ -107,6 +110,7 @@ def test_failed_checkpoint_write_leaves_previous_valid(tmp_path, monkeypatch):
     assert path.endswith("latest_prev.pt") and ckpt["step"] == 1
 
 
+@pytest.mark.slow
 def test_unwritable_log_dir_is_reported_before_training(tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
@@ -124,6 +128,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_pickled_code_payload_is_refused_never_run(tmp_path):
     from fast_clip.model import WeightsFileError, create_model
     marker = tmp_path / "pwned"
@@ -143,6 +148,7 @@ def test_pickled_code_payload_is_refused_never_run(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["static", "standalone"])
 def test_torchrun_restarts_a_dead_rank_and_resumes(tmp_path, rendezvous):
     info = write_shards(str(tmp_path / "s"), num_ids=32, shard_size=16)

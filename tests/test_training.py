@@ -71,6 +71,7 @@ def test_shuffle_buffer_is_a_seeded_permutation():
 # Distributed equivalence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["openclip", "fastclip-v3"])
 def test_two_process_step_equals_one_process(tmp_path, loss):
     worker = str(ROOT / "tests" / "dist_train_worker.py")
@@ -86,6 +87,7 @@ def test_two_process_step_equals_one_process(tmp_path, loss):
             torch.testing.assert_close(two["loss"][k], v, atol=1e-6, rtol=1e-4, msg=f"loss state {k}")
 
 
+@pytest.mark.slow
 def test_epoch_sees_every_pair_exactly_once_2_ranks_2_workers(tmp_path):
     info = write_shards(str(tmp_path / "shards"), num_ids=16, shard_size=12)  # 64 pairs in 6 uneven shards
     torchrun(2, MAIN, "--train-data", info["dir"], "--model", "PersonTiny", "--batch-size", 4, "--workers", 2,
@@ -132,6 +134,7 @@ def _args(shards, logs, name, *extra):
             "--loss", "fastclip-v3", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", ["loader", "device"])
 def test_stop_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, augment):
     aug = ["--augment-device", augment]
@@ -143,6 +146,7 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, augment
     assert keys("full") == keys("cut")
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards):
     run_main(*_args(tiny_shards, tmp_path, "full"))
     args = _args(tiny_shards, tmp_path, "killed", "--save-every-n-steps", 1)
@@ -166,6 +170,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards):
     assert [by_step[r["step"]] for r in full] == [r["keys"] for r in full]
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_through_open_clip(tmp_path, tiny_shards):
     import open_clip
     from fast_clip.model import register_model_configs
@@ -182,6 +187,7 @@ def test_checkpoint_loads_through_open_clip(tmp_path, tiny_shards):
     assert params["model"] == "PersonTiny" and params["image_size"] == [64, 32]
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tiny_shards):
     run_main(*_args(tiny_shards, tmp_path, "fb", "--max-steps", 4, "--save-every-n-steps", 2))
     ck = tmp_path / "fb" / "checkpoints"
@@ -198,6 +204,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tiny_shards)
 GOLDEN = ROOT / "tests" / "golden" / "tiny_run_losses.json"
 
 
+@pytest.mark.slow
 def test_golden_tiny_run_losses(tmp_path, tiny_shards):
     run_main("--train-data", tiny_shards["dir"], "--model", "PersonTiny", "--batch-size", 8, "--workers", 1,
              "--epochs", 1, "--logs", tmp_path, "--name", "golden", "--warmup", 2, "--log-every-n-steps", 1,
@@ -223,6 +230,7 @@ def _train_sh(env_extra, *args):
     return subprocess.run(["bash", str(ROOT / "scripts" / "train.sh"), *args], env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_train_sh_batch_arithmetic_and_refusals():
     r = _train_sh({"EFFECTIVE_BATCH_SIZE": "512", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "--name", "a b", "--logs", "L")
     assert r.returncode == 0 and "--nproc_per_node 4" in r.stdout and "--batch-size 128" in r.stdout
@@ -268,6 +276,7 @@ def test_missing_sizes_json_is_a_clear_error(tmp_path):
         D.load_shard_set(str(tmp_path / "a.tar"))
 
 
+@pytest.mark.slow
 def test_weighted_sources_mix_by_weight_with_disjoint_keys(tmp_path):
     a = write_shards(str(tmp_path / "a"), num_ids=16, shard_size=16)            # 64 pairs
     b = write_shards(str(tmp_path / "b"), num_ids=16, shard_size=16, seed=1)    # 64 pairs
