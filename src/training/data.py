@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover - fsspec is in the requirements
 
 from braceexpand import braceexpand
 
+from training.seeding import Stream, rng_seed
+
 
 class DataError(RuntimeError):
     """Unusable training data; the message names the shard set, file and problem."""
@@ -233,12 +235,6 @@ def _warn(msg: str) -> None:
 # Epoch plan (pure functions, unit-tested)
 
 
-def _rng_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions (no hash())."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint64)[0]
-               & 0x7FFFFFFFFFFFFFFF)
-
-
 def batches_per_rank(num_samples: int, world: int, batch: int) -> int:
     return num_samples // (world * batch)
 
@@ -264,7 +260,7 @@ def debiased_plan(batches_per_source: list[int], seed: int, epoch: int) -> list[
     {s repeated n_s times}: at every step a source is drawn with probability proportional to its remaining batches
     (so to its size), every rank computes the same list, and each source is read exactly once per epoch."""
     plan = [s for s, n in enumerate(batches_per_source) for _ in range(n)]
-    random.Random(_rng_seed(seed, epoch, 41)).shuffle(plan)
+    random.Random(rng_seed(Stream.DEBIASED_PLAN, seed, epoch)).shuffle(plan)
     return plan
 
 
@@ -278,10 +274,11 @@ def debiased_worker_share(plan: list[int], workers: int, w: int, source: int) ->
     return sum(counts[:w]), counts[w]
 
 
-def shard_order(sets: list[ShardSet], seed: int, epoch: int, shuffle: bool) -> list[tuple[ShardSet, str, int]]:
+def shard_order(sets: list[ShardSet], seed: int, epoch: int, shuffle: bool, *parts: int) -> list[tuple[ShardSet, str, int]]:
+    """The epoch's shard sequence (``parts`` tell apart several orders of one epoch, e.g. one per set)."""
     order = [(s, u, c) for s in sets for u, c in zip(s.urls, s.counts)]
     if shuffle:
-        random.Random(_rng_seed(seed, epoch, 17)).shuffle(order)
+        random.Random(rng_seed(Stream.SHARD_ORDER, seed, epoch, *parts)).shuffle(order)
     return order
 
 
@@ -431,7 +428,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         slots = self.world * self.num_workers
         slot = self.rank * self.num_workers + w
         weights = np.asarray(self.cfg.weights, dtype=np.float64)
-        rng = random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, 29))
+        rng = random.Random(rng_seed(Stream.SOURCE_MIX, self.cfg.seed, self.epoch, self.rank, w))
 
         def endless(sset: ShardSet):
             n_s = sset.num_pairs
@@ -460,7 +457,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         before, mine = debiased_worker_share(self.plan, self.num_workers, w, source)
         b = self.cfg.batch_size
         start = (self.rank * self.per_source[source] + before) * b
-        order = shard_order([sset], self.cfg.seed, self.epoch * 64 + sset.index, self.cfg.shard_shuffle)
+        order = shard_order([sset], self.cfg.seed, self.epoch, self.cfg.shard_shuffle, sset.index)
         yield from read_range(order, start, start + mine * b, counter)
 
     def _refilled(self, make, w: int, tag: tuple = ()):
@@ -468,7 +465,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         for p in range(1 << 30):
             got = 0
             for item in shuffle_buffer(make(), self.cfg.shuffle_buffer,
-                                       random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, p, 31, *tag))):
+                                       random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w, p,
+                                                                        *tag))):
                 got += 1
                 yield item
             if got == 0:
@@ -478,7 +476,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _raw(self, w: int, counter: "Tally"):
         if self.cfg.weights is not None:
             yield from shuffle_buffer(self._weighted_stream(w, counter), self.cfg.shuffle_buffer,
-                                      random.Random(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, 31)))
+                                      random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w)))
             return
         yield from self._refilled(lambda: self._concat_stream(w, counter), w)
 
@@ -531,7 +529,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _collate(self, samples, delta, w: int, j: int) -> dict:
         # Augmentation is seeded per batch so that a resumed run draws the same flips and crops.
-        torch.manual_seed(_rng_seed(self.cfg.seed, self.epoch, self.rank, w, j, 7))
+        torch.manual_seed(rng_seed(Stream.LOADER_AUGMENT, self.cfg.seed, self.epoch, self.rank, w, j))
         images = torch.stack([self.decoder.transform(im) for im, *_ in samples])
         texts = self.tokenizer([t for _, t, *_ in samples])
         return {

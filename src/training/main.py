@@ -24,8 +24,9 @@ from training.logger import RunLogger
 from training.objective import IdLossConfig, Objective, TrainModule
 from training.optim import build_optimizer
 from training.params import parse_args
+from training.seeding import Stream, rng_seed
 from training.train import NonFiniteError, TrainState, train_one_epoch, unwrap
-from training.transforms import build_transform, clean_caption
+from fast_clip.transforms import build_transform, clean_caption
 
 
 class RunConfig:
@@ -187,7 +188,7 @@ def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState
 def main(argv=None) -> int:
     args = parse_args(argv)
     denv = dist_utils.init_distributed(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(rng_seed(Stream.MODEL_INIT, args.seed))  # a model built from scratch draws from here
     try:
         return _train(args, denv)
     finally:

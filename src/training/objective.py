@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.seeding import Stream, rng_seed
+
 
 def _token_embedding(clip: nn.Module) -> nn.Embedding:
     # open_clip's CLIP keeps it at the top level; CustomTextCLIP (HF or separate text towers) under .text
@@ -70,7 +72,7 @@ def draw_mix(beta: float, seed: int, step: int) -> Mix | None:
     """Seeded by (seed, step) only, so every rank draws the same alpha and coin and a resumed run redraws them."""
     if not beta:
         return None
-    rng = np.random.default_rng([seed & 0xFFFFFFFF, step, 53])
+    rng = np.random.default_rng(rng_seed(Stream.MIXUP, seed, step))
     alpha = float(rng.beta(beta, beta))
     return Mix(alpha=alpha, target="image" if rng.random() < 0.5 else "text")
 

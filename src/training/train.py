@@ -12,6 +12,7 @@ from training import distributed as dist_utils
 from training.dga import forward_backward
 from training.objective import draw_mix
 from training.optim import lr_at, set_lr
+from training.seeding import Stream, rng_seed
 
 # open_clip clamps the learned logit scale at ln(100) (temperature >= 0.01) to keep the softmax stable.
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -104,12 +105,12 @@ def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg,
             lr, tau_now, step=state.global_step, base_lr=cfg.lr, warmup=cfg.warmup, total_steps=total_steps,
             lr_min=cfg.lr_min))
         # Per-step seeding keeps dropout and any other main-process randomness identical after a resume.
-        torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 101 + dist_utils.rank())
+        torch.manual_seed(rng_seed(Stream.STEP, cfg.seed, state.global_step, dist_utils.rank()))
         t0 = time.perf_counter()
         if cfg.device_augment is not None:
             # seeded per (step, rank): a resumed run augments its batches identically
             g = torch.Generator(device=device)
-            g.manual_seed(cfg.seed * 1_000_003 + state.global_step * 101 + dist_utils.rank() + 17)
+            g.manual_seed(rng_seed(Stream.DEVICE_AUGMENT, cfg.seed, state.global_step, dist_utils.rank()))
             batch = dict(batch, images=cfg.device_augment(batch["images"].to(device, non_blocking=True), g))
         mix = draw_mix(cfg.mixup_beta, cfg.seed, state.global_step)
         out = train_step(model, objective, optimizer, batch, device, cfg.precision, cfg.grad_clip_norm,
