@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from fast_clip.model import get_tokenizer  # noqa: E402
 from training.data import LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets  # noqa: E402
 from training.device_augment import DeviceAugment  # noqa: E402
-from training.transforms import build_transform, clean_caption  # noqa: E402
+from fast_clip.transforms import build_transform, clean_caption  # noqa: E402
 
 
 def ours(shards, image_size, batch, workers, max_batches, uint8=False):

@@ -128,7 +128,7 @@ def test_epoch_and_data_options(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_pretrained_mode_and_evaluate_model(tiny_run, tmp_path, capsys):
     from fast_clip.model import get_tokenizer
-    from training.transforms import build_transform
+    from fast_clip.transforms import build_transform
 
     ckpt = tiny_run["run"] / "checkpoints" / "epoch_1.pt"
     test_dir = str(tiny_run["shards"] / "test")

@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(name: str, weights: str, image_size, device):
+def load_model(name: str, weights: str, image_size, device):
     from fast_clip.model import WeightsFileError, create_model, load_pretrained
 
     try:
@@ -347,7 +347,7 @@ def _run(args) -> int:
 
     # Read the shards before the model so that bad data fails fast.
     sets = {n: load_test_set(spec, name=n) for n, spec in data.items()}
-    model = _load_model(name, ckpt, size, device)
+    model = load_model(name, ckpt, size, device)
     tokenizer = get_tokenizer(name)
     transform = default_transform(size)
     results, examples = {}, []

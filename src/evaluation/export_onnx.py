@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from evaluation.evaluate import _load_model, find_checkpoint, read_run_params
+from evaluation.evaluate import find_checkpoint, load_model, read_run_params
 from evaluation.extract import EvalError
 
 __all__ = ["ImageEncoder", "TextEncoder", "export_encoders", "verify_encoders", "main"]
@@ -254,7 +254,7 @@ def _run(args) -> int:
         raise EvalError(f"image size {size!r} is not [H, W]")
     size = (int(size[0]), int(size[1]))
 
-    model = _load_model(name, ckpt, size, "cpu").eval()
+    model = load_model(name, ckpt, size, "cpu").eval()
     tokenizer = get_tokenizer(name)
     ctx = _context_length(model, tokenizer)
     print(f"exporting {name} from {ckpt} (image {size[0]}x{size[1]}, context length {ctx}, opset {args.opset}, "

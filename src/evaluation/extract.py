@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fast_clip.transforms import build_transform, clean_caption
+
 __all__ = ["EvalError", "TestSet", "resolve_shards", "load_test_set", "extract_features", "default_transform",
            "IMAGE_EXTS"]
 
@@ -149,7 +151,7 @@ def _iter_samples(path: str):
 def load_test_set(spec: str | Sequence[str], name: str = "test", clean: Callable[[str], str] | None = None) -> TestSet:
     """Read every sample of the shards of ``spec`` (see :func:`resolve_shards`) into a :class:`TestSet`."""
     if clean is None:
-        clean = _default_clean
+        clean = clean_caption
     shards = resolve_shards(spec)
     ts = TestSet(name=name, shards=shards)
     gallery_of: dict[int, int] = {}
@@ -194,28 +196,9 @@ def load_test_set(spec: str | Sequence[str], name: str = "test", clean: Callable
     return ts
 
 
-def _default_clean(text: str) -> str:
-    try:
-        from training.transforms import clean_caption
-    except ImportError:  # the training package is optional for evaluation
-        return " ".join(text.split())
-    return clean_caption(text)
-
-
 def default_transform(image_size: tuple[int, int]):
     """The training pipeline's evaluation transform (resize to (H, W), CLIP normalisation)."""
-    try:
-        from training.transforms import build_transform
-    except ImportError:
-        return _fallback_transform(image_size)
     return build_transform(tuple(image_size), train=False)
-
-
-def _fallback_transform(image_size):
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from torchvision import transforms as T
-    return T.Compose([T.Resize(tuple(image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                      T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
 
 
 class _Images(torch.utils.data.Dataset):

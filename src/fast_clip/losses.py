@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fast_clip.precision import compute_dtype as _compute_dtype
 from fast_clip.precision import no_autocast as _no_autocast
-from training import distributed as dist_utils
+from fast_clip import collectives as dist_utils
 
 __all__ = [
     "LOSSES",
