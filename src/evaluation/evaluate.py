@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from evaluation.extract import (EvalError, TestSet, default_transform, extract_features, load_test_set,
+from evaluation.extract import (EvalError, TestSet, default_transform, extract_features, load_test_set, run_cli,
                                 resolve_shards)
 from evaluation.metrics import recall_at_1_from_features, retrieval_metrics_from_features, topk_indices
 
@@ -298,6 +298,15 @@ def load_model(name: str, weights: str, image_size, device):
     return model.to(device)
 
 
+def resolve_run(run_dir: str, epoch, model, image_size):
+    """(params, checkpoint, epoch, model name, image size) of a run folder; --model / --image-size override the run's."""
+    if not os.path.isdir(run_dir):
+        raise EvalError(f"run directory {run_dir!r} does not exist")
+    params = read_run_params(run_dir)
+    ckpt, epoch = find_checkpoint(run_dir, epoch)
+    return params, ckpt, epoch, model or params["model"], image_size or params.get("image_size")
+
+
 def _run(args) -> int:
     from fast_clip.model import default_image_size, get_tokenizer
 
@@ -307,12 +316,7 @@ def _run(args) -> int:
         raise EvalError("nothing to evaluate: give RUN_DIR or --pretrained FILE --model NAME")
     header: dict[str, str] = {}
     if args.run_dir:
-        if not os.path.isdir(args.run_dir):
-            raise EvalError(f"run directory {args.run_dir!r} does not exist")
-        params = read_run_params(args.run_dir)
-        ckpt, epoch = find_checkpoint(args.run_dir, args.epoch)
-        name = args.model or params["model"]
-        size = args.image_size or params.get("image_size")
+        params, ckpt, epoch, name, size = resolve_run(args.run_dir, args.epoch, args.model, args.image_size)
         out_dir = args.output or os.path.join(args.run_dir, "eval")
         tag = f"epoch_{epoch}"
         data = _parse_data(args.data) if args.data else default_datasets(params.get("train_data"))
@@ -364,12 +368,7 @@ def _run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from evaluation.evaluate import find_checkpoint, load_model, read_run_params
-from evaluation.extract import EvalError
+from evaluation.evaluate import load_model, resolve_run
+from evaluation.extract import EvalError, run_cli
 
-__all__ = ["ImageEncoder", "TextEncoder", "export_encoders", "verify_encoders", "main"]
+__all__ = ["Encoder", "ImageEncoder", "TextEncoder", "export_encoders", "verify_encoders", "main"]
 
 IMAGE_FILE, TEXT_FILE, REPORT_FILE = "image_encoder.onnx", "text_encoder.onnx", "export.json"
 DEFAULT_OPSET = 17  # torchscript exporter; the dynamo exporter starts at 18
@@ -45,26 +45,25 @@ CHECK_CAPTIONS = (
 )
 
 
-class ImageEncoder(torch.nn.Module):
-    """[B, 3, H, W] normalised pixels -> [B, D] unit-norm embeddings."""
+class Encoder(torch.nn.Module):
+    """One tower of the model as its own graph: [B, 3, H, W] normalised pixels (``image``) or [B, context_length] int64
+    token ids (``text``) -> [B, D] unit-norm embeddings."""
 
-    def __init__(self, model):
+    def __init__(self, model, modality: str):
         super().__init__()
         self.model = model
+        self.encode = model.encode_image if modality == "image" else model.encode_text
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(image, normalize=True)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x, normalize=True)
 
 
-class TextEncoder(torch.nn.Module):
-    """[B, context_length] int64 token ids -> [B, D] unit-norm embeddings."""
+def ImageEncoder(model) -> Encoder:  # noqa: N802 - kept as the public names of the two towers
+    return Encoder(model, "image")
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
 
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(text, normalize=True)
+def TextEncoder(model) -> Encoder:  # noqa: N802
+    return Encoder(model, "text")
 
 
 def _context_length(model, tokenizer) -> int:
@@ -232,12 +231,7 @@ def _run(args) -> int:
         raise EvalError(f"--exporter dynamo needs --opset >= {DYNAMO_MIN_OPSET}, got {args.opset}")
     epoch = None
     if args.run_dir:
-        if not os.path.isdir(args.run_dir):
-            raise EvalError(f"run directory {args.run_dir!r} does not exist")
-        params = read_run_params(args.run_dir)
-        ckpt, epoch = find_checkpoint(args.run_dir, args.epoch)
-        name = args.model or params["model"]
-        size = args.image_size or params.get("image_size")
+        _, ckpt, epoch, name, size = resolve_run(args.run_dir, args.epoch, args.model, args.image_size)
         out_dir = args.out or os.path.join(args.run_dir, "onnx")
     else:
         if not args.model:
@@ -293,12 +287,7 @@ def _run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

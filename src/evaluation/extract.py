@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class EvalError(RuntimeError):
     """Bad evaluation input (run directory, checkpoint, shards, model): the message names the file and the problem."""
+
+
+def run_cli(run, args) -> int:
+    """The evaluation CLIs' one error rule: an EvalError is one ``error:`` line and exit code 2, no traceback."""
+    try:
+        return run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 @dataclass
