@@ -1,4 +1,4 @@
-"""Single-process tests of src/fast_clip/losses.py (float64, CPU).
+"""Single-process tests of src/fast_clip/losses/ (float64, CPU).
 
 The expected FCCO gradients are written here in closed form from the math of docs/LOSSES.md, independently of the
 implementation's code paths.

@@ -3,7 +3,7 @@
 The expected values come from `Official`, the update rules of the official FastCLIP code (Optimization-AI/fast_clip:
 FastCLIPLoss / FastCLIPLossIndividual in src/fast_clip/loss.py, the all-gather / set_params sequence of
 src/training/train.py, adjust_gamma, and the lr schedulers of src/training/scheduler.py) written out here
-independently of src/fast_clip/losses.py, with K ranks simulated in one process: per-rank local() with the
+independently of src/fast_clip/losses/, with K ranks simulated in one process: per-rank local() with the
 running-max shift (bounds) of the individual temperatures, the all-gather and the tables' writes in rank order (a key
 repeated in one global batch keeps the last write), then per-rank forward() and DDP's mean over ranks.
 """

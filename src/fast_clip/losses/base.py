@@ -1,0 +1,83 @@
+"""What every loss shares: the trainer hooks (epoch, gamma, the temperature's lr) and the global temperature."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fast_clip.losses.config import STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
+
+class ContrastiveLoss(nn.Module):
+    learns_model_temperature: bool = False
+    supports_mixup: bool = False  # soft (mixed) targets; only the InfoNCE loss has them
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self.register_buffer("gamma", torch.ones((), dtype=torch.float64))
+        # step_thresh latch: once tau <= TAU_THRESH the temperature lr stays divided by 3 (saved in checkpoints).
+        self.register_buffer("tau_lr_dropped", torch.zeros((), dtype=torch.bool))
+
+    # -------------------------------------------------------------- trainer hooks
+    def initial_logit_scale(self) -> Optional[float]:
+        return math.log(1.0 / self.cfg.temperature)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(int(epoch))
+        self.gamma.fill_(gamma_at_epoch(int(epoch), self.cfg.gamma, self.cfg.gamma_schedule,
+                                        self.cfg.gamma_decay_epochs))
+
+    def current_gamma(self) -> float:
+        return float(self.gamma)
+
+    @property
+    def official(self) -> bool:
+        """The official FastCLIP update rules (GCL family only; InfoNCE has one form)."""
+        return self.cfg.fastclip_rules == "official" and self.cfg.loss != "openclip"
+
+    def temperature_lr(self, lr_now: float, tau: float, step: int = 0, base_lr: Optional[float] = None,
+                       warmup: int = 0, total_steps: int = 1, lr_min: float = 0.0) -> Optional[float]:
+        """Lr of the param group holding model.logit_scale at optimizer step ``step`` (None = the main schedule's
+        ``lr_now``). Only meaningful when ``learns_model_temperature``. ``lr_tau`` stands for --lr_tau, or the base
+        --lr (``base_lr``) when it is not set, as in the official code.
+
+        ``const``: lr_tau constant, no warm-up (exact rules without --lr_tau: None, the main schedule).
+        ``cosine``: linear warm-up over ``warmup`` steps, then cosine from lr_tau to ``lr_min`` at ``total_steps``.
+        ``step_thresh``: lr_tau, divided by 3 while tau <= 0.03: official: decided at every step (it goes back up
+        when tau rises again); exact: latched from the first step with tau <= 0.03 (saved in checkpoints).
+        """
+        if not self.learns_model_temperature:
+            return None
+        cfg = self.cfg
+        base = float(lr_now if base_lr is None else base_lr)
+        lr_tau = base if cfg.lr_tau is None else float(cfg.lr_tau)
+        if cfg.lr_tau_scheduler == "const":
+            if cfg.lr_tau is None and not self.official:
+                return None
+            return lr_tau
+        if cfg.lr_tau_scheduler == "cosine":
+            if step < warmup:
+                return lr_tau * (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr_tau - lr_min)
+        below = float(tau) <= TAU_THRESH
+        if self.official:
+            return lr_tau / STEP_THRESH_FACTOR if below else lr_tau
+        if below:
+            self.tau_lr_dropped.fill_(True)
+        return lr_tau / STEP_THRESH_FACTOR if bool(self.tau_lr_dropped) else lr_tau
+
+    def _global_tau(self, logit_scale, dtype, device) -> torch.Tensor:
+        """tau = 1/logit_scale (live) for global_learnable, the fixed --temperature otherwise."""
+        if self.cfg.temperature_scheme == "global_learnable":
+            if logit_scale is None:
+                raise ValueError("global_learnable temperature needs the model's logit_scale")
+            ls = torch.as_tensor(logit_scale, device=device)
+            return 1.0 / ls.to(dtype).reshape(())
+        return torch.tensor(float(self.cfg.temperature), dtype=dtype, device=device)
+
+    def extra_repr(self) -> str:
+        return f"loss={self.cfg.loss!r}, scheme={self.cfg.temperature_scheme!r}"

@@ -1,0 +1,119 @@
+"""The matrix kernels of the contrastive losses: row blocks under activation checkpointing (so no b x B matrix is whole
+above BLOCK_LOGITS entries), the exp matrices of the GCL family and their row statistics."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Above this many logits (b x world*b) the InfoNCE rows are processed in blocks, each recomputed in the backward, so
+# the loss never holds the whole b x B matrix and its softmax: at b = B = 16384 that is 1 GiB per fp32 matrix, more
+# than the activations of a DGA chunk. 2^24 logits = 64 MiB in fp32.
+BLOCK_LOGITS = 1 << 24
+
+
+def _row_blocks(n: int, m: int, max_logits: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most max_logits // m rows (one row at least) covering n rows."""
+    rows = max(1, max_logits // max(m, 1))
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+def _ce_rows(anchors, others, scale, targets):
+    return F.cross_entropy(scale * anchors @ others.t(), targets, reduction="sum")
+
+
+def blocked_cross_entropy(anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor,
+                          max_logits: int = BLOCK_LOGITS) -> torch.Tensor:
+    """mean_i CE(scale * anchors_i . others^T, targets_i), in row blocks of at most ``max_logits`` logits, each under
+    activation checkpointing (same value and gradient as the one-matrix form, up to float summation order)."""
+    n, m = anchors.shape[0], others.shape[0]
+    if n * m <= max_logits or not torch.is_grad_enabled():
+        return F.cross_entropy(scale * anchors @ others.t(), targets)
+    from torch.utils.checkpoint import checkpoint
+    total = anchors.new_zeros(())
+    for a, z in _row_blocks(n, m, max_logits):
+        total = total + checkpoint(_ce_rows, anchors[a:z], others, scale, targets[a:z], use_reentrant=False)
+    return total / n
+
+
+def _exp_rows(anchors, cands, pos, tau, diag_start: Optional[int], shift=None, shift_floor=None):
+    """P = exp((anchors @ cands^T - pos) / tau - shift) and X = the exponent without the shift; when ``diag_start`` is
+    given, anchor row i's own pair sits in column diag_start + i and its P entry is zeroed (g sums over j != i only).
+
+    ``shift`` (a detached column, per anchor) is the official code's running maximum of X ("bounds"), which keeps the
+    per-pair-temperature exponentials finite; their estimators are then stored in units of exp(-shift). With
+    ``shift_floor`` (the old bounds) the shift is the new bound, max(old, max_j X_ij), returned third."""
+    X = (anchors @ cands.t() - pos) / tau
+    if shift_floor is not None:
+        shift = _new_shift(X, shift_floor)
+    P = torch.exp(X if shift is None else X - shift)
+    if diag_start is not None:
+        rows = torch.arange(anchors.shape[0], device=P.device)
+        P = P.index_put((rows, diag_start + rows), P.new_zeros(()))  # out of place: X and P stay valid for autograd
+    return (P, X) if shift_floor is None else (P, X, shift)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return _ScaleGrad.apply(x, factor)
+
+
+def _per_row(t, sl: slice):
+    """A temperature is a scalar (global) or a column of per-row values (individual): slice only the latter."""
+    return t[sl] if t.dim() > 0 else t
+
+
+def _new_shift(X, floor):
+    """The official running maximum: max(old bound, max_j X_ij) per row, the row's own pair (X = 0) included."""
+    return torch.maximum(floor, X.detach().amax(1, keepdim=True))
+
+
+def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: bool, shift_floor=None):
+    """Row sums of P and (``with_h``) of P*X (see _exp_rows), in row blocks of at most ``max_logits`` entries; with
+    ``shift_floor`` (old bounds, a column) P is shifted by each row's new bound, returned third (else None)."""
+    g, h, shifts = [], [], []
+    for a, z in _row_blocks(anchors.shape[0], cands.shape[0], max_logits):
+        sl = slice(a, z)
+        out = _exp_rows(anchors[sl], cands, pos[sl], _per_row(tau, sl), None if diag_start is None else diag_start + a,
+                        shift_floor=None if shift_floor is None else shift_floor[sl])
+        P, X = out[0], out[1]
+        if shift_floor is not None:
+            shifts.append(out[2])
+        g.append(P.sum(1))
+        if with_h:
+            h.append((P * X).sum(1))
+    return torch.cat(g), (torch.cat(h) if with_h else None), (torch.cat(shifts) if shifts else None)
+
+
+def _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift=None):
+    return (weights * _exp_rows(anchors, cands, pos, tau, diag_start, shift)[0].sum(1)).sum()
+
+
+def _weighted_exp_sum(anchors, cands, pos, tau, weights, diag_start: Optional[int], max_logits: int, shift=None):
+    """sum_i weights_i * sum_j P_ij (P of _exp_rows), differentiable in anchors, cands, pos and a live tau; in row
+    blocks under activation checkpointing once the matrix exceeds ``max_logits`` entries, so that the forward keeps
+    one block at a time and the backward recomputes it (same value and gradient up to summation order)."""
+    n, m = anchors.shape[0], cands.shape[0]
+    if n * m <= max_logits or not torch.is_grad_enabled():
+        return _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift)
+    from torch.utils.checkpoint import checkpoint
+    total = anchors.new_zeros(())
+    for a, z in _row_blocks(n, m, max_logits):
+        sl = slice(a, z)
+        total = total + checkpoint(_weighted_rows, anchors[sl], cands, pos[sl], _per_row(tau, sl), weights[sl],
+                                   None if diag_start is None else diag_start + a,
+                                   None if shift is None else shift[sl], use_reentrant=False)
+    return total
