@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-import torch  # noqa: E402
+import torch
 
-from fast_clip.model import get_tokenizer  # noqa: E402
-from training.data import LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets  # noqa: E402
-from training.device_augment import DeviceAugment  # noqa: E402
-from fast_clip.transforms import build_transform, clean_caption  # noqa: E402
+from fast_clip.model import get_tokenizer
+from training.data import LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets
+from training.device_augment import DeviceAugment
+from fast_clip.transforms import build_transform, clean_caption
 
 
 def ours(shards, image_size, batch, workers, max_batches, uint8=False):

@@ -19,14 +19,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT / "src", ROOT):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from fast_clip.losses import BLOCK_LOGITS, LossConfig, build_loss  # noqa: E402
+from fast_clip.losses import BLOCK_LOGITS, LossConfig, build_loss
 
 
 def time_loss(loss_name: str, batch: int, dim: int, device: torch.device, blocked: bool | None, repeats: int,

@@ -13,16 +13,14 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from data_prep import make_shards  # noqa: E402
-from data_prep.records import Entry  # noqa: E402
-from data_prep.synthetic import SyntheticRenderer, make_identities  # noqa: E402
+from data_prep import make_shards
+from data_prep.records import Entry
+from data_prep.synthetic import SyntheticRenderer, make_identities
 
 
 def make_inputs(tmp, n_images, n_caps, per_id=4):

@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 OUR_MAIN = ROOT / "src" / "training" / "main.py"
 MODEL_CONFIG_DIR = ROOT / "src" / "fast_clip" / "model_configs"
 DEFAULT_PEER_PYTHON = ROOT / "bench" / ".peer_venv" / "bin" / "python"

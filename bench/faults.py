@@ -20,11 +20,19 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "tests")]
 
-import torch  # noqa: E402
+import torch
 
-from shard_fixtures import write_shards  # noqa: E402
+def _load_fixtures():
+    """The test suite's shard writer (tests/shard_fixtures.py), loaded from its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("shard_fixtures", ROOT / "tests" / "shard_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+write_shards = _load_fixtures().write_shards
 
 MAIN = str(ROOT / "src" / "training" / "main.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}

@@ -49,7 +49,8 @@ install "$SITE/peer" "${peer[@]}" || { echo "error: pip could not install ${peer
 echo "[gpu_check] installed ${#ours[@]} wheels into $SITE/ours and ${#peer[@]} into $SITE/peer in" \
      "$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s with $("$PYTHON" --version 2>&1)"
 
-export PYTHONPATH="$SITE/ours${PYTHONPATH:+:$PYTHONPATH}"
+# the carried wheels, then this checkout's packages (nothing is installed on the GPU machine)
+export PYTHONPATH="$SITE/ours:$ROOT/src:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export GPU_CHECK_PEER_SITE="$SITE/peer"
 export PYTHONUNBUFFERED=1
 out="${OUT:-$ROOT/bench/results/gpu}"

@@ -7,18 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# Run as a script from anywhere: make `import data_prep.x` resolve to this checkout.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from data_prep.fsio import get_fs  # noqa: E402
-from data_prep.images import FileImageLoader  # noqa: E402
-from data_prep.readers import READERS  # noqa: E402
-from data_prep.records import Drops, PrepError  # noqa: E402
+from data_prep.fsio import get_fs
+from data_prep.images import FileImageLoader
+from data_prep.readers import READERS
+from data_prep.records import Drops, PrepError
 
 DATASET_HELP = {
     "cuhkpedes": "CUHK-PEDES reid_raw.json: [{split, captions, file_path, id, processed_tokens?}]",

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT / "src", ROOT):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from fast_clip.losses import LossConfig, build_loss  # noqa: E402
-from training import distributed as dist_utils  # noqa: E402
+from fast_clip.losses import LossConfig, build_loss
+from training import distributed as dist_utils
 
 VARIANTS = ["openclip", "sogclr", "isogclr", "fastclip-v0", "fastclip-v1", "fastclip-v2", "fastclip-v3"]
 B, DIN, D, DATA_SIZE = 8, 5, 6, 20

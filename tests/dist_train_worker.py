@@ -2,9 +2,7 @@
 rank taking its slice, and rank 0 saving the parameters, the loss state and the number of gradient all-reduce calls
 per step. The test compares 1 and 2 processes, with and without DGA chunks (``--accum-freq``)."""
 import sys
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parents[1])]
 
 import torch
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dist_loss_worker as W  # noqa: E402
+import dist_loss_worker as W
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,11 +9,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `training`, `fast_clip`, `evaluation` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
