@@ -328,3 +328,18 @@ def test_cuda_bf16_run_stops_and_resumes(tmp_path, tiny_shards):
         torch.testing.assert_close(b["state_dict"][k], v, atol=5e-3, rtol=5e-2, msg=f"parameter {k}")
     log = [json.loads(l) for l in open(tmp_path / "full" / "train_log.jsonl")]
     assert any(r.get("peak_mem_mib") for r in log), "no CUDA peak memory in train_log.jsonl"
+
+
+def test_main_in_process_trains_writes_and_resumes(tmp_path, tiny_shards):
+    """main(argv) in this process (no subprocess, loader in-process): a run stops at --max-steps, resumes from its
+    checkpoint and ends at the same parameters as one uninterrupted run."""
+    from training.main import main
+    common = ["--train-data", tiny_shards["dir"], "--model", "PersonTiny", "--batch-size", "8", "--workers", "0",
+              "--epochs", "1", "--logs-dir", str(tmp_path), "--warmup", "1", "--loss", "fastclip-v3", "--seed", "3"]
+    assert main(common + ["--name", "full"]) == 0
+    assert main(common + ["--name", "cut", "--max-steps", "2"]) == 0
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"].startswith("stopped")
+    assert main(common + ["--name", "cut", "--resume", "latest"]) == 0
+    a = torch.load(tmp_path / "full" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    _assert_same_run(a, b)
