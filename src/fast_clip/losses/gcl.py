@@ -13,6 +13,44 @@ from fast_clip.losses.kernels import (BLOCK_LOGITS, _exp_row_stats, _exp_rows, _
 from fast_clip.precision import compute_dtype as _compute_dtype
 from fast_clip.precision import no_autocast as _no_autocast
 
+# ------------------------------------------------------------------------------------------------ pure update rules
+def estimator_update(old: torch.Tensor, g: torch.Tensor, gamma: float, official: bool,
+                     rescale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """u_new = (1-gamma) u_old + gamma g, entry by entry, with the reset rule of each rule set: official, to g where
+    u_old is non-finite or < 1e-35 and only while gamma < 1 (gamma = 1 is g itself), ``rescale`` moving u_old from
+    its old bound's units to the new one's first; exact, to g where u_old is non-finite or <= 1e-30."""
+    if official:
+        if gamma >= 1.0:
+            return g.clone()
+        bad = ~torch.isfinite(old) | (old < U_RESET_BELOW_OFFICIAL)
+        kept = old if rescale is None else old * rescale
+        return torch.where(bad, g, (1.0 - gamma) * kept + gamma * g)
+    bad = ~torch.isfinite(old) | (old <= U_RESET_BELOW)
+    return torch.where(bad, g, (1.0 - gamma) * old + gamma * g)
+
+
+def per_pair_tau_gradient(u: torch.Tensor, h: torch.Tensor, rho: float, eps: float,
+                          shift: Optional[torch.Tensor] = None, clamp: Optional[float] = None) -> torch.Tensor:
+    """d/dtau_i of RGCL's tau_i (log g_i + rho), FCCO estimate, without the 1/2n factor (Adam ignores it):
+    log(u_i + eps) + rho - h_i / (u_i + eps), with h_i = 1/(B-1) sum_j exp(X_ij) X_ij. ``shift``: u and h are in units
+    of exp(-shift) (the official bounds), whose log is added back; ``clamp``: the official +-5."""
+    grad = torch.log(u + eps) + rho - h / (u + eps)
+    if shift is not None:
+        grad = grad + shift
+    return grad if clamp is None else grad.clamp(-clamp, clamp)
+
+
+def tau_adam_step(tau, m, v, grad, lr: float, betas: tuple[float, float], eps: float, step):
+    """One Adam step on temperatures (bias correction with ``step``, a number or one per entry), clamped to
+    [TAU_MIN, TAU_MAX]; returns (tau, m, v)."""
+    beta1, beta2 = betas
+    m = beta1 * m + (1.0 - beta1) * grad
+    v = beta2 * v + (1.0 - beta2) * grad * grad
+    m_hat = m / (1.0 - beta1 ** step)
+    v_hat = v / (1.0 - beta2 ** step)
+    return (tau - lr * m_hat / (v_hat.sqrt() + eps)).clamp(TAU_MIN, TAU_MAX), m, v
+
+
 class GCLLoss(ContrastiveLoss):
     """Global contrastive losses optimised with FCCO (SogCLR / iSogCLR / FastCLIP-v0..v3).
 
@@ -112,21 +150,10 @@ class GCLLoss(ContrastiveLoss):
         exact: reset where u is non-finite or <= 1e-30, whatever gamma; the table keeps the first occurrence's, which
         every occurrence of the key then uses. ``rescale`` (shifted estimators) multiplies the old u first: it moves
         it from the old bound's units to the new one's."""
-        g = g.to(table.dtype)
-        old = table[keys]
-        if self.official:
-            if gamma < 1.0:
-                bad = ~torch.isfinite(old) | (old < U_RESET_BELOW_OFFICIAL)
-                kept = old if rescale is None else old * rescale.to(table.dtype)
-                new = torch.where(bad, g, (1.0 - gamma) * kept + gamma * g)
-            else:
-                new = g.clone()
-            table[keys[pick]] = new[pick]
-            return new
-        bad = ~torch.isfinite(old) | (old <= U_RESET_BELOW)
-        new = torch.where(bad, g, (1.0 - gamma) * old + gamma * g)
+        new = estimator_update(table[keys], g.to(table.dtype), gamma, self.official,
+                               None if rescale is None else rescale.to(table.dtype))
         table[keys[pick]] = new[pick]
-        return table[keys]
+        return new if self.official else table[keys]
 
     def _adam_tau(self, keys, pick, grad, which: str) -> None:
         """One Adam step on the per-pair temperatures of the picked occurrences (see _occurrence).
@@ -136,27 +163,13 @@ class GCLLoss(ContrastiveLoss):
         cfg = self.cfg
         tau, m, v = getattr(self, which), getattr(self, which + "_m"), getattr(self, which + "_v")
         k = keys[pick]
-        grad = grad[pick].to(tau.dtype)
         if self.official:
             epoch = int(self.epoch)
-            beta1, beta2 = (0.0, 0.0) if epoch == 0 else (cfg.tau_beta1, cfg.tau_beta2)
-            m_new = beta1 * m[k] + (1.0 - beta1) * grad
-            v_new = beta2 * v[k] + (1.0 - beta2) * grad * grad
-            m_hat = m_new / (1.0 - beta1 ** (epoch + 1))
-            v_hat = v_new / (1.0 - beta2 ** (epoch + 1))
-            tau[k] = (tau[k] - float(cfg.lr_tau) * m_hat / (v_hat.sqrt() + cfg.tau_adam_eps)).clamp(TAU_MIN, TAU_MAX)
-            m[k] = m_new
-            v[k] = v_new
-            return
-        t = (self.tau_count[k] + 1).to(tau.dtype)
-        m_new = cfg.tau_beta1 * m[k] + (1.0 - cfg.tau_beta1) * grad
-        v_new = cfg.tau_beta2 * v[k] + (1.0 - cfg.tau_beta2) * grad * grad
-        m_hat = m_new / (1.0 - cfg.tau_beta1 ** t)
-        v_hat = v_new / (1.0 - cfg.tau_beta2 ** t)
-        tau_new = tau[k] - float(cfg.lr_tau) * m_hat / (v_hat.sqrt() + cfg.tau_adam_eps)
-        tau[k] = tau_new.clamp(TAU_MIN, TAU_MAX)
-        m[k] = m_new
-        v[k] = v_new
+            betas, step = ((0.0, 0.0) if epoch == 0 else (cfg.tau_beta1, cfg.tau_beta2)), epoch + 1
+        else:
+            betas, step = (cfg.tau_beta1, cfg.tau_beta2), (self.tau_count[k] + 1).to(tau.dtype)
+        tau[k], m[k], v[k] = tau_adam_step(tau[k], m[k], v[k], grad[pick].to(tau.dtype), float(cfg.lr_tau), betas,
+                                           cfg.tau_adam_eps, step)
 
     # -------------------------------------------------------------- forward
     def forward(self, image_features, text_features, logit_scale=None, keys=None, mix_alpha=None):
@@ -316,15 +329,11 @@ class GCLLoss(ContrastiveLoss):
         # ---- per-pair temperature update (individual): grad_i = log(u_i+eps) + rho + tau_i g_i'(tau_i)/(u_i+eps)
         if self.individual:
             with torch.no_grad():
-                h1_all, h2_all = stats_all[:, 2].to(dt), stats_all[:, 3].to(dt)
-                grad_t1 = torch.log(u1_all + eps) + float(cfg.rho) - h1_all / (u1_all + eps)
-                grad_t2 = torch.log(u2_all + eps) + float(cfg.rho) - h2_all / (u2_all + eps)
-                if self.shifted:  # log of the plain-units estimator: log(u_shifted + eps) + bound
-                    grad_t1 = grad_t1 + stats_all[:, 4].to(dt)
-                    grad_t2 = grad_t2 + stats_all[:, 5].to(dt)
-                if self.official:  # clamped before the Adam step
-                    grad_t1 = grad_t1.clamp(-TAU_GRAD_CLAMP, TAU_GRAD_CLAMP)
-                    grad_t2 = grad_t2.clamp(-TAU_GRAD_CLAMP, TAU_GRAD_CLAMP)
+                clamp = TAU_GRAD_CLAMP if self.official else None  # official: clamped before the Adam step
+                grad_t1, grad_t2 = (
+                    per_pair_tau_gradient(u, stats_all[:, col].to(dt), float(cfg.rho), eps,
+                                          stats_all[:, col + 2].to(dt) if self.shifted else None, clamp)
+                    for u, col in ((u1_all, 2), (u2_all, 3)))
                 tk = keys_all.to(self.tau1.device)
                 tpick = self._occurrence(tk)
                 self._adam_tau(tk, tpick, grad_t1.to(self.tau1.device), "tau1")
