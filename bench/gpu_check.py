@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOPPER_BF16_TFLOPS = 790.0  # measured on this project's H200 (bench_train.HOPPER_BF16_TFLOPS says how)
+from bench_train import HOPPER_BF16_TFLOPS  # noqa: E402 (bench/ is on the path: it is this script's folder)
 
 # name -> (default budget in seconds: GPU run, CPU smoke; required?)
 STEPS = {
@@ -310,7 +310,7 @@ def summary(c: Check, s: dict) -> str:
                 lines.append(f"| {x['trainer']} | {x['loss']} | failed: {x['error'][:60]} | | | | | |")
                 continue
             ratio = f"{x['samples_per_s'] / peer['samples_per_s']:.2f}" if peer else "n/a"
-            mfu = f"{x['samples_per_s'] * fl / (s['peak'] * 1e12):.1%}" if s["peak"] else "n/a"
+            mfu = f"{x['mfu']:.1%}" if x.get("mfu") is not None else "n/a"  # bench_train's, same peak
             lines.append(f"| {x['trainer']} | {x['loss']} | {x['samples_per_s']:.1f} | {ratio} | {mfu} | "
                          f"{x['data_wait_share']:.1%} | {x['peak_mem_mib']:.0f} | {x['step_ms']:.1f} |")
         ours = {x["loss"]: x for x in rows if x["trainer"] == "ours" and "error" not in x}

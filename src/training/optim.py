@@ -1,9 +1,9 @@
 """AdamW parameter groups and the learning-rate schedule (pure functions of the step)."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+from fast_clip.schedules import warmup_cosine
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -38,12 +38,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, wd: float, betas=(0.9, 0.
 def lr_at(step: int, base_lr: float, warmup: int, total_steps: int, kind: str = "cosine", lr_min: float = 0.0) -> float:
     """Linear warm-up to ``base_lr`` over ``warmup`` steps, then cosine to ``lr_min`` at ``total_steps`` (or
     constant), as open_clip's and FastCLIP's schedulers."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
     if kind == "const":
-        return base_lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return lr_min + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (base_lr - lr_min)
+        return base_lr * (step + 1) / warmup if step < warmup else base_lr
+    return warmup_cosine(step, base_lr, warmup, total_steps, lr_min)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, temperature_lr: float | None = None) -> None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from fast_clip.losses.config import STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
+from fast_clip.schedules import warmup_cosine
 
 class ContrastiveLoss(nn.Module):
     learns_model_temperature: bool = False
@@ -59,10 +60,7 @@ class ContrastiveLoss(nn.Module):
                 return None
             return lr_tau
         if cfg.lr_tau_scheduler == "cosine":
-            if step < warmup:
-                return lr_tau * (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr_tau - lr_min)
+            return warmup_cosine(step, lr_tau, warmup, total_steps, lr_min)
         below = float(tau) <= TAU_THRESH
         if self.official:
             return lr_tau / STEP_THRESH_FACTOR if below else lr_tau
