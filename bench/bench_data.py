@@ -44,8 +44,8 @@ def ours(shards, image_size, batch, workers, max_batches, uint8=False):
 
 def peer(shards, image_size, batch, workers, max_batches):
     import webdataset as wds
-    from training.data import expand_urls
-    urls = expand_urls(shards)
+    from fast_clip.shards import resolve
+    urls = resolve(shards)
     tf = build_transform(image_size, train=True)
     tok = get_tokenizer("PersonTiny")
     ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)

@@ -3,4 +3,4 @@
 See docs/DATA.md for the shard format, which is the contract between this package, src/training and
 src/evaluation.
 """
-FORMAT_VERSION = 1
+from fast_clip.shards import FORMAT_VERSION  # noqa: F401  (the one definition: fast_clip/shards.py)

@@ -4,36 +4,26 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 
 from PIL import Image
+
+from fast_clip import shards
 
 from . import FORMAT_VERSION
 from .fsio import get_fs, join
 
-REQUIRED = {"key": int, "pid": int, "orig_id": (int, str), "source": str, "image": str, "image_id": int,
-            "caption_id": int}
-
 
 def _samples(data: bytes, where: str, problems: list):
-    """[(key_str, {ext: bytes})] in archive order; members of one sample must be adjacent."""
-    out: list = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    problems.append(f"{where}: member {m.name!r} is not a regular file")
-                    continue
-                k, _, ext = m.name.partition(".")
-                payload = tf.extractfile(m).read()
-                if out and out[-1][0] == k:
-                    out[-1][1][ext] = payload
-                else:
-                    if any(k == prev for prev, _ in out[-3:]):
-                        problems.append(f"{where}: files of sample {k} are not adjacent")
-                    out.append((k, {ext: payload}))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        problems.append(f"{where}: not a readable tar archive ({e})")
+    """[(key, sample)] in archive order, read by the one shard reader; a key seen twice means its files are not
+    adjacent (webdataset would then yield two half samples)."""
+    out, seen = [], set()
+    for sample in shards.iter_samples(where, lambda _u, msg: problems.append(f"{where}: not a readable tar archive "
+                                                                            f"({msg})"), stream=io.BytesIO(data)):
+        k = sample["__key__"]
+        if k in seen:
+            problems.append(f"{where}: files of sample {k} are not adjacent")
+        seen.add(k)
+        out.append((k, sample))
     return out
 
 
@@ -51,7 +41,7 @@ def verify(output: str, decode: bool = True):
     """(problems, report). problems is empty when the output is complete and consistent."""
     problems: list[str] = []
     fs, root = get_fs(output)
-    manifest = _read_json(fs, join(root, "manifest.json"), problems)
+    manifest = _read_json(fs, join(root, shards.MANIFEST_FILE), problems)
     if not isinstance(manifest, dict):
         if manifest is not None:
             problems.append("manifest.json: not an object")
@@ -61,7 +51,7 @@ def verify(output: str, decode: bool = True):
     rows = []
     for split, info in manifest.get("splits", {}).items():
         sdir = join(root, split)
-        sizes = _read_json(fs, join(sdir, "sizes.json"), problems)
+        sizes = _read_json(fs, join(sdir, shards.SIZES_FILE), problems)
         listed = {s["name"]: s["count"] for s in info.get("shards", [])}
         if sizes is not None and sizes != listed:
             problems.append(f"{split}/sizes.json: {sizes} does not match manifest shards {listed}")
@@ -88,7 +78,7 @@ def verify(output: str, decode: bool = True):
                 problems.append(f"{where}: {len(samples)} samples, manifest says {sh.get('count')}")
             for k, files in samples:
                 sw = f"{where}: sample {k}"
-                missing = [e for e in ("jpg", "txt", "json") if e not in files]
+                missing = [e for e in ("jpg", shards.TEXT_EXT, shards.META_EXT) if e not in files]
                 if missing:
                     problems.append(f"{sw}: missing {missing}")
                     next_key += 1
@@ -99,12 +89,12 @@ def verify(output: str, decode: bool = True):
                     problems.append(f"{sw}: json unreadable")
                     next_key += 1
                     continue
-                bad = [f for f, t in REQUIRED.items() if not isinstance(meta.get(f), t)]
+                bad = [f for f, t in shards.META_FIELDS.items() if not isinstance(meta.get(f), t)]
                 if bad:
                     problems.append(f"{sw}: json fields missing or of the wrong type: {bad}")
                     next_key += 1
                     continue
-                if k != f"{next_key:09d}" or meta["key"] != next_key:
+                if k != shards.key_name(next_key) or meta["key"] != next_key:
                     problems.append(f"{sw}: key {meta['key']} (name {k}) where {next_key} was expected")
                 next_key += 1
                 # Samples of one image are adjacent: image_id either repeats with the next caption or advances by 1.

@@ -8,37 +8,14 @@ import hashlib
 import json
 import multiprocessing as mp
 import sys
-import tarfile
-from collections import Counter
 
 from tqdm import tqdm
+
+from fast_clip import shards
 
 from . import FORMAT_VERSION
 from .fsio import get_fs, join, sha256_file, write_atomic
 from .records import SPLITS, Drops, id_sort_key
-
-BLOCK = tarfile.BLOCKSIZE
-RECORD = tarfile.RECORDSIZE
-
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One tar member with fixed metadata (mtime 0, root-owned, read-only) so the archive depends only on content."""
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o444, 0, 0, "", ""
-    pad = (-len(data)) % BLOCK
-    return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
-
-
-def finish_tar(members: list[bytes]) -> bytes:
-    body = b"".join(members) + b"\0" * (2 * BLOCK)  # end-of-archive marker
-    return body + b"\0" * ((-len(body)) % RECORD)  # pad to a full record, as tar(1) and tarfile do
-
-
-def sample_members(key: int, jpg: bytes, caption: str, meta: dict) -> bytes:
-    k = f"{key:09d}"
-    js = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return tar_member(f"{k}.jpg", jpg) + tar_member(f"{k}.json", js) + tar_member(f"{k}.txt", caption.encode("utf-8"))
-
 
 class ShardSink:
     """Accumulates samples and flushes shards of at most maxcount samples / maxsize bytes. A finished shard whose
@@ -48,21 +25,21 @@ class ShardSink:
     def __init__(self, fs, split_dir: str, split: str, maxcount: int, maxsize: int, overwrite: bool):
         self.fs, self.dir, self.split = fs, split_dir, split
         self.maxcount, self.maxsize, self.overwrite = maxcount, maxsize, overwrite
-        self.members: list[bytes] = []
-        self.size = 0
+        self.packer = shards.TarPacker()
         self.shards: list[dict] = []
         self.written = self.skipped = 0
 
-    def add(self, blob: bytes):
-        if self.members and (len(self.members) >= self.maxcount or self.size + len(blob) > self.maxsize):
+    def add(self, sample: dict):
+        p = self.packer
+        if p.count and (p.count >= self.maxcount or p.size + shards.tar_size(sample) > self.maxsize):
             self.flush()
-        self.members.append(blob)
-        self.size += len(blob)
+        self.packer.add(sample)
 
     def flush(self):
-        if not self.members:
+        if not self.packer.count:
             return
-        data = finish_tar(self.members)
+        data, count = self.packer.finish(), self.packer.count
+        self.packer = shards.TarPacker()
         name = f"{self.split}-{len(self.shards):06d}.tar"
         sha = hashlib.sha256(data).hexdigest()
         path = join(self.dir, name)
@@ -71,8 +48,7 @@ class ShardSink:
         else:
             write_atomic(self.fs, path, data)
             self.written += 1
-        self.shards.append({"name": name, "count": len(self.members), "sha256": sha})
-        self.members, self.size = [], 0
+        self.shards.append({"name": name, "count": count, "sha256": sha})
 
 
 def _same_file(fs, path, data, sha) -> bool:
@@ -145,7 +121,7 @@ def write_split(fs, out_path, split, entries, materializer, drops: Drops, opts, 
                     "image_id": image_id, "caption_id": ci}
             if e.attributes is not None:
                 meta["attributes"] = e.attributes
-            sink.add(sample_members(key, jpg, cap, meta))
+            sink.add(shards.make_sample(key, jpg, cap, meta))
             key += 1
             cap_chars += len(cap)
         src["pairs"] += len(caps)
@@ -156,8 +132,8 @@ def write_split(fs, out_path, split, entries, materializer, drops: Drops, opts, 
     sink.flush()
     keep = {s["name"] for s in sink.shards}
     _remove_stale_shards(fs, split_dir, split, keep)
-    write_atomic(fs, join(split_dir, "sizes.json"),
-                 json.dumps({s["name"]: s["count"] for s in sink.shards}, indent=1).encode())
+    write_atomic(fs, join(split_dir, shards.SIZES_FILE),
+                 shards.sizes_json({s["name"]: s["count"] for s in sink.shards}))
     return {
         "pairs": key, "images": image_id, "captions": key, "identities": len(pids),
         "shards": sink.shards,
@@ -192,7 +168,7 @@ def write_dataset(output: str, entries_by_split: dict, loader, drops: Drops, opt
                   progress: bool = True) -> dict:
     fs, out_path = get_fs(output)
     fs.makedirs(out_path, exist_ok=True)
-    manifest_path = join(out_path, "manifest.json")
+    manifest_path = join(out_path, shards.MANIFEST_FILE)
     # The old manifest goes first: if this run is interrupted the output must not look complete.
     if fs.exists(manifest_path):
         fs.rm(manifest_path)

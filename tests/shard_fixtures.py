@@ -1,4 +1,5 @@
-"""Tiny shard sets in the data_prep format, written by the tests themselves (no dependency on data_prep's CLI).
+"""Tiny shard sets in the data_prep format, written by the tests themselves through the one shard module
+(fast_clip/shards.py), not data_prep's CLI, so that they can carry faults.
 
 Each identity gets an upper and a lower colour; its images are those two colour blocks with noise, and its captions
 name the colours, so a tiny model can learn something in a few steps.
@@ -9,9 +10,10 @@ import io
 import json
 import os
 import random
-import tarfile
 
 from PIL import Image
+
+from fast_clip import shards
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40),
            "black": (15, 15, 15), "white": (240, 240, 240), "purple": (140, 40, 170), "orange": (250, 140, 20)}
@@ -26,12 +28,6 @@ def _jpeg(upper, lower, rng: random.Random, size=(32, 64)) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
 
 
 def write_shards(root: str, split: str = "train", num_ids: int = 16, images_per_id: int = 2,
@@ -52,7 +48,7 @@ def write_shards(root: str, split: str = "train", num_ids: int = 16, images_per_
                         else f"this pedestrian wears {lower} pants and a {upper} shirt")
                 meta = {"key": key, "pid": pid, "orig_id": pid, "source": "fixture", "image": f"{pid}/{image_id}.jpg",
                         "image_id": image_id, "caption_id": c}
-                samples.append({"key": key, "jpg": jpg, "txt": text.encode(), "json": json.dumps(meta).encode()})
+                samples.append(shards.make_sample(key, jpg, text, meta))
                 key += 1
             image_id += 1
     for k, fault in (corrupt or {}).items():
@@ -69,22 +65,19 @@ def write_shards(root: str, split: str = "train", num_ids: int = 16, images_per_
             raise ValueError(fault)
     out = os.path.join(root, split)
     os.makedirs(out, exist_ok=True)
-    sizes, shards = {}, []
+    sizes, paths = {}, []
     for i in range(0, len(samples), shard_size):
         name = f"{split}-{i // shard_size:06d}.tar"
-        with tarfile.open(os.path.join(out, name), "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in samples[i:i + shard_size]:
-                for ext in ("jpg", "txt", "json"):
-                    if ext in s:
-                        _add(tar, f"{s['key']:09d}.{ext}", s[ext])
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(shards.pack(samples[i:i + shard_size]))
         sizes[name] = len(samples[i:i + shard_size])
-        shards.append(os.path.join(out, name))
-    with open(os.path.join(out, "sizes.json"), "w") as f:
-        json.dump(sizes, f)
+        paths.append(os.path.join(out, name))
+    with open(os.path.join(out, shards.SIZES_FILE), "wb") as f:
+        f.write(shards.sizes_json(sizes))
     manifest_path = os.path.join(root, "manifest.json")
     manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"format_version": 1, "splits": {}}
     manifest["splits"][split] = {"pairs": len(samples), "images": image_id, "identities": num_ids,
                                  "captions": len(samples)}
     with open(manifest_path, "w") as f:
         json.dump(manifest, f)
-    return {"pairs": len(samples), "ids": num_ids, "shards": shards, "dir": out}
+    return {"pairs": len(samples), "ids": num_ids, "shards": paths, "dir": out}

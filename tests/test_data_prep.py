@@ -408,13 +408,13 @@ def test_verify_detects_corruption(cuhk, tmp_path, capsys):
 
 
 def test_verify_detects_bad_keys(tmp_path):
-    from data_prep.writer import finish_tar, sample_members
+    from fast_clip.shards import make_sample, pack
 
     out = tmp_path / "o"
     (out / "train").mkdir(parents=True)
     meta = {"key": 0, "pid": 0, "orig_id": 1, "source": "x", "image": "a.jpg", "image_id": 0, "caption_id": 0}
-    data = finish_tar([sample_members(0, img_bytes(), "a", meta), sample_members(2, img_bytes(), "b",
-                                                                                  dict(meta, key=2, caption_id=1))])
+    data = pack([make_sample(0, img_bytes(), "a", meta), make_sample(2, img_bytes(), "b",
+                                                                    dict(meta, key=2, caption_id=1))])
     (out / "train" / "train-000000.tar").write_bytes(data)
     (out / "train" / "sizes.json").write_text(json.dumps({"train-000000.tar": 2}))
     man = {"format_version": 1, "splits": {"train": {"pairs": 2, "images": 1, "captions": 2, "identities": 1,

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 
 from evaluation.evaluate import dataset_name, default_datasets, evaluate_model, main
 from evaluation.extract import EvalError, load_test_set, resolve_shards
+from fast_clip.shards import make_sample, pack
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"R1", "R5", "R10", "mAP", "mINP", "i2t_R1", "num_queries", "num_gallery"}
@@ -29,12 +29,6 @@ def _jpeg(rng) -> bytes:
     return buf.getvalue()
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
 def write_split(split_dir: Path, n_pids=5, imgs_per_pid=2, caps_per_img=2, shards=2, seed=0, drop=None):
     """webdataset shards in data_prep's layout: one sample per (image, caption), samples of an image adjacent."""
     rng = np.random.default_rng(seed)
@@ -44,24 +38,20 @@ def write_split(split_dir: Path, n_pids=5, imgs_per_pid=2, caps_per_img=2, shard
         for _ in range(imgs_per_pid):
             img = _jpeg(rng)
             for c in range(caps_per_img):
-                key = f"{len(samples):06d}"
                 meta = {"key": len(samples), "pid": pid, "image_id": image_id, "caption_id": c, "source": "synth",
                         "image": f"imgs/{pid}/{image_id}.jpg"}
+                if drop == "pid":
+                    del meta["pid"]
                 cap = f"a person number {pid} wearing a {COLOURS[pid % len(COLOURS)]} shirt, caption {c}"
-                samples.append((key, img, cap, meta))
+                sample = make_sample(len(samples), img, cap, meta)
+                if drop in ("jpg", "txt"):
+                    del sample[drop]
+                samples.append(sample)
             image_id += 1
     per = -(-len(samples) // shards)
     split = split_dir.name
     for s in range(shards):
-        with tarfile.open(split_dir / f"{split}-{s:06d}.tar", "w") as tf:
-            for key, img, cap, meta in samples[s * per:(s + 1) * per]:
-                if drop != "jpg":
-                    _add(tf, f"{key}.jpg", img)
-                if drop != "txt":
-                    _add(tf, f"{key}.txt", cap.encode())
-                if drop == "pid":
-                    meta = {k: v for k, v in meta.items() if k != "pid"}
-                _add(tf, f"{key}.json", json.dumps(meta).encode())
+        (split_dir / f"{split}-{s:06d}.tar").write_bytes(pack(samples[s * per:(s + 1) * per]))
     (split_dir / "sizes.json").write_text(json.dumps({f"{split}-{s:06d}.tar": per for s in range(shards)}))
     return len(samples), image_id
 

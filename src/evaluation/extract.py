@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
-import tarfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from glob import glob
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fast_clip import shards
+from fast_clip.shards import IMAGE_EXTS
 from fast_clip.transforms import build_transform, clean_caption
 
 __all__ = ["EvalError", "TestSet", "resolve_shards", "load_test_set", "extract_features", "default_transform",
            "IMAGE_EXTS"]
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class EvalError(RuntimeError):
@@ -66,114 +63,48 @@ class TestSet:
 
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard files of a test set. ``spec``: a directory (every ``*.tar`` inside, sorted), a brace pattern
-    (``dir/test-{000000..000003}.tar``), a glob, a single tar, a text file listing shard paths (one per line, relative
-    to the list's folder; ``#`` comments), several of those joined with ``::``, or a list of them."""
-    from braceexpand import braceexpand
-
+    """Shard files of a test set: ``spec`` is anything :func:`fast_clip.shards.resolve` takes (a directory, a brace
+    pattern, a glob, a single tar, a text file listing shards; local or fsspec URL), several of those joined with
+    ``::``, or a list of them."""
     parts = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for part in parts:
         for sub in str(part).split("::"):
-            sub = sub.strip()
-            if not sub:
-                continue
-            found: list[str] = []
-            for p in braceexpand(sub):
-                if "://" in p:
-                    raise EvalError(f"--data {p!r}: only local shard files are supported by the evaluator")
-                if os.path.isdir(p):
-                    tars = sorted(glob(os.path.join(p, "*.tar")))
-                    if not tars:
-                        raise EvalError(f"--data {p!r}: directory holds no *.tar shard")
-                    found += tars
-                elif any(c in p for c in "*?["):
-                    found += sorted(glob(p))
-                elif os.path.isfile(p) and not _is_tar_name(p):
-                    found += _read_list(p)
-                else:
-                    if not os.path.isfile(p):
-                        raise EvalError(f"--data: shard {p!r} does not exist")
-                    found.append(p)
-            if not found:
-                raise EvalError(f"--data {sub!r} matches no shard file")
-            out += found
+            if sub.strip():
+                try:
+                    out += shards.resolve(sub.strip())
+                except shards.ShardError as e:
+                    raise EvalError(f"--data: {e}") from e
+    if not out:
+        raise EvalError(f"--data {spec!r} names no shard")
     return out
 
 
-def _is_tar_name(p: str) -> bool:
-    return p.endswith((".tar", ".tar.gz", ".tgz"))
-
-
-def _read_list(path: str) -> list[str]:
-    base = os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f]
-    except UnicodeDecodeError as e:
-        raise EvalError(f"--data {path!r} is neither a .tar shard nor a text file listing shards") from e
-    files = []
-    for ln in lines:
-        if not ln or ln.startswith("#"):
-            continue
-        p = ln if os.path.isabs(ln) else os.path.join(base, ln)
-        if not os.path.isfile(p):
-            raise EvalError(f"shard list {path!r}: listed shard {ln!r} does not exist")
-        files.append(p)
-    if not files:
-        raise EvalError(f"shard list {path!r} lists no shard")
-    return files
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's key rule: the key is the path up to the first dot of the basename, the rest is the extension."""
-    d, base = os.path.split(name)
-    if "." not in base:
-        return name, ""
-    stem, ext = base.split(".", 1)
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
 def _iter_samples(path: str):
-    """(key, {ext: bytes}) for every sample of a tar, members of one key being adjacent as webdataset requires."""
-    try:
-        tf = tarfile.open(path, "r|*")
-    except (tarfile.TarError, OSError) as e:
-        raise EvalError(f"shard {path!r} is not a readable tar file: {e}") from e
-    key, sample = None, {}
-    try:
-        with tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k, ext = _split_member(m.name)
-                if k != key:
-                    if key is not None:
-                        yield key, sample
-                    key, sample = k, {}
-                sample[ext] = tf.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise EvalError(f"shard {path!r} is truncated or corrupt: {e}") from e
-    if key is not None:
-        yield key, sample
+    """Every sample of one shard; any problem with the shard is an EvalError (a test set must be read whole)."""
+    def on_problem(url: str, problem: str):
+        raise EvalError(f"shard {url!r} is truncated or not a readable tar file ({problem})")
+
+    for sample in shards.iter_samples(path, on_problem):
+        yield sample["__key__"], sample
 
 
 def load_test_set(spec: str | Sequence[str], name: str = "test", clean: Callable[[str], str] | None = None) -> TestSet:
     """Read every sample of the shards of ``spec`` (see :func:`resolve_shards`) into a :class:`TestSet`."""
     if clean is None:
         clean = clean_caption
-    shards = resolve_shards(spec)
-    ts = TestSet(name=name, shards=shards)
+    paths = resolve_shards(spec)
+    ts = TestSet(name=name, shards=paths)
     gallery_of: dict[int, int] = {}
     q_pids, q_gal, g_pids = [], [], []
-    for shard in shards:
+    for shard in paths:
         for key, sample in _iter_samples(shard):
-            img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            img_ext = shards.image_ext(sample)
             missing = [x for x, ok in (("image (.jpg)", img_ext), ("txt", "txt" in sample), ("json", "json" in sample))
                        if not ok]
             if missing:
                 raise EvalError(f"shard {shard!r}: sample {key!r} lacks {', '.join(missing)} "
-                                f"(has: {', '.join(sorted(sample)) or 'nothing'}); expected KEY.jpg, KEY.txt, KEY.json")
+                                f"(has: {', '.join(sorted(k for k in sample if not k.startswith('_'))) or 'nothing'}); expected KEY.jpg, KEY.txt, KEY.json")
             try:
                 meta = json.loads(sample["json"].decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -199,7 +130,7 @@ def load_test_set(spec: str | Sequence[str], name: str = "test", clean: Callable
             q_pids.append(pid)
             q_gal.append(gi)
     if not ts.captions:
-        raise EvalError(f"test set {name!r}: shards {shards} hold no sample")
+        raise EvalError(f"test set {name!r}: shards {paths} hold no sample")
     ts.query_pids = np.asarray(q_pids, dtype=np.int64)
     ts.query_gallery_index = np.asarray(q_gal, dtype=np.int64)
     ts.gallery_pids = np.asarray(g_pids, dtype=np.int64)

@@ -21,28 +21,17 @@ the next sample of the stream, so every batch is full and all ranks stay in lock
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
-import os
-import posixpath
 import random
-import tarfile
-import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-try:
-    import fsspec
-except ImportError:  # pragma: no cover - fsspec is in the requirements
-    fsspec = None
-
-from braceexpand import braceexpand
-
+from fast_clip import shards
 from training.seeding import Stream, rng_seed
 
 
@@ -86,84 +75,30 @@ class ShardSet:
         return sum(self.counts)
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def _open(path: str, mode: str = "rb"):
-    if _is_url(path):
-        return fsspec.open(path, mode).open()
-    return open(path, mode)
-
-
-def _exists(path: str) -> bool:
-    if _is_url(path):
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs.exists(p)
-    return os.path.exists(path)
-
-
-def expand_urls(spec: str) -> list[str]:
-    """A brace pattern, a glob, or a directory (all ``*.tar`` inside), local or fsspec URL."""
-    urls: list[str] = []
-    for part in braceexpand(spec):
-        if not _is_url(part) and os.path.isdir(part):
-            urls += sorted(glob.glob(os.path.join(part, "*.tar")))
-        elif _is_url(part):
-            fs, p = fsspec.core.url_to_fs(part)
-            if fs.isdir(p):
-                proto = part.split("://", 1)[0]
-                urls += sorted(f"{proto}://{x}" if not x.startswith(proto) else x
-                               for x in fs.glob(posixpath.join(p, "*.tar")))
-            else:
-                urls.append(part)
-        elif any(c in part for c in "*?["):
-            urls += sorted(glob.glob(part))
-        else:
-            urls.append(part)
-    return urls
-
-
-def _load_json(path: str) -> dict | None:
-    if not _exists(path):
-        return None
-    try:
-        with _open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-
-
 def load_shard_set(spec: str, index: int = 0) -> ShardSet:
     """Resolve a shard spec and read each shard's sample count from the ``sizes.json`` beside it."""
-    urls = expand_urls(spec)
-    if not urls:
-        raise DataError(f"--train-data set {spec!r} matches no shard")
-    missing = [u for u in urls if not _exists(u)]
-    if missing:
-        raise DataError(f"--train-data set {spec!r}: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")
-    counts, split_pairs, split_ids = [], 0, None
-    by_dir: dict[str, dict] = {}
-    for u in urls:
-        d = posixpath.dirname(u) if _is_url(u) else os.path.dirname(u)
-        if d not in by_dir:
-            sizes_path = posixpath.join(d, "sizes.json") if _is_url(u) else os.path.join(d, "sizes.json")
-            sizes = _load_json(sizes_path)
-            if sizes is None:
-                raise DataError(f"{sizes_path} is missing: the trainer needs the sample count of every shard "
-                                f"(data_prep/make_shards.py writes it)")
-            by_dir[d] = sizes
-            split_pairs += sum(int(v) for v in sizes.values())
-            parent = posixpath.dirname(d) if _is_url(u) else os.path.dirname(d)
-            split = posixpath.basename(d) if _is_url(u) else os.path.basename(d)
-            manifest = _load_json((posixpath if _is_url(u) else os.path).join(parent, "manifest.json"))
-            if manifest and split in manifest.get("splits", {}):
-                ids = manifest["splits"][split].get("identities")
-                split_ids = (split_ids or 0) + int(ids) if ids is not None else split_ids
-        name = posixpath.basename(u) if _is_url(u) else os.path.basename(u)
-        if name not in by_dir[d]:
-            raise DataError(f"shard {u} is not listed in the sizes.json beside it")
-        counts.append(int(by_dir[d][name]))
+    try:
+        urls = shards.resolve(spec)
+        counts, split_pairs, split_ids = [], 0, None
+        by_dir: dict[str, dict] = {}
+        for u in urls:
+            d = shards.parent(u)
+            if d not in by_dir:
+                sizes = shards.read_sizes(d)
+                if sizes is None:
+                    raise DataError(f"{shards.join(d, shards.SIZES_FILE)} is missing: the trainer needs the sample "
+                                    f"count of every shard (data_prep/make_shards.py writes it)")
+                by_dir[d] = sizes
+                split_pairs += sum(sizes.values())
+                info = shards.read_split_info(d)
+                if info and info.get("identities") is not None:
+                    split_ids = (split_ids or 0) + int(info["identities"])
+            name = shards.basename(u)
+            if name not in by_dir[d]:
+                raise DataError(f"shard {u} is not listed in the {shards.SIZES_FILE} beside it")
+            counts.append(by_dir[d][name])
+    except shards.ShardError as e:
+        raise DataError(f"--train-data set {spec!r}: {e}") from e
     return ShardSet(spec=spec, urls=urls, counts=counts, split_pairs=split_pairs, split_ids=split_ids, index=index)
 
 
@@ -185,45 +120,13 @@ def load_train_sets(train_data: str) -> list[ShardSet]:
 
 
 def iter_tar_samples(url: str, counter: "Tally", expected: int | None = None):
-    """Yield webdataset samples ({'__key__', 'jpg', 'txt', 'json', ...} of bytes) from one tar, streaming.
+    """The samples of one shard. A truncated or unreadable shard is counted (``truncated_shard``) and warned about,
+    not raised: one bad file must not kill a multi-day run, and the samples it lacked are refilled from the stream."""
+    def on_problem(u: str, problem: str) -> None:
+        if counter.add("truncated_shard", ("truncated", u)):
+            _warn(f"shard {u} is truncated or unreadable ({problem}); the rest of it is skipped")
 
-    Python's tarfile stops silently at a truncated archive, so truncation is detected here: a member shorter than its
-    header says, or fewer samples than ``sizes.json`` promised (``expected``). A truncated or unreadable shard is
-    counted (``truncated_shard``) and warned about, not raised: one bad file must not kill a multi-day run, and the
-    samples it lacked are refilled from the stream."""
-    current, cur_key, n = {}, None, 0
-    problem = None
-    try:
-        with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                prefix = member.name[: len(member.name) - len(base)]
-                key, ext = base.split(".", 1)
-                key = prefix + key
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    problem = f"member {member.name} has {len(data)} of its {member.size} bytes"
-                    current = {}  # the partial sample is not used
-                    break
-                if key != cur_key:
-                    if current:
-                        n += 1
-                        yield current
-                    current, cur_key = {"__key__": key, "__url__": url}, key
-                current[ext.lower()] = data
-        if current and problem is None:
-            n += 1
-            yield current
-        if problem is None and expected is not None and n < expected:
-            problem = f"{n} samples where sizes.json lists {expected}"
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        problem = f"{type(e).__name__}: {e}"
-    if problem is not None and counter.add("truncated_shard", ("truncated", url)):
-        _warn(f"shard {url} is truncated or unreadable ({problem}); the rest of it is skipped")
+    return shards.iter_samples(url, on_problem, expected=expected)
 
 
 def _warn(msg: str) -> None:
@@ -360,9 +263,10 @@ class SampleDecoder:
         text = self.clean(text)
         if not text:
             raise _BadSample("empty_caption")
-        img_bytes = raw.get("jpg") or raw.get("jpeg") or raw.get("png") or raw.get("webp")
-        if not img_bytes:
+        ext = shards.image_ext(raw)
+        if ext is None:
             raise _BadSample("missing_image")
+        img_bytes = raw[ext]
         try:
             with Image.open(io.BytesIO(img_bytes)) as im:
                 im = im.convert("RGB")

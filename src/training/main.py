@@ -374,9 +374,8 @@ def _validate(args, model, tokenizer, state, logger) -> None:
         dist_utils.barrier()
         return
     from evaluation.evaluate import evaluate_model
-    from training.data import expand_urls
     results = evaluate_model(unwrap(model), tokenizer, build_transform(args.image_size, train=False),
-                             {"val": expand_urls(args.val_data)}, dist_utils.env().device)
+                             {"val": args.val_data}, dist_utils.env().device)
     for name, metrics in results.items():
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         logger.scalars(state.global_step, scalars, prefix=f"val_{name}")

@@ -1,0 +1,298 @@
+"""The shard contract of docs/DATA.md, written once: resolve shard specs, read sizes.json / manifest.json, iterate the
+samples of a tar with webdataset's tar iterators, and pack samples into a tar with ``webdataset.TarWriter``.
+
+The writer (data_prep), ``make_shards.py verify``, the trainer's stream and the evaluator all go through this module,
+so a key rule or a member name cannot drift between them. It uses no torch itself, but importing webdataset (1.x)
+loads torch, so data_prep pays that import too.
+
+What is *not* here, on purpose: the epoch plan and range reading (training/data.py). webdataset's
+``split_by_node``/``split_by_worker`` deal whole shards round-robin, which cannot give every rank the same number of
+batches nor an exact mid-epoch resume.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import posixpath
+import tarfile
+import zlib
+from typing import Callable, Iterator
+
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.writer import TarWriter
+
+FORMAT_VERSION = 1
+KEY_DIGITS = 9                                    # __key__ = f"{key:09d}"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")       # read in this order of preference
+TEXT_EXT, META_EXT = "txt", "json"
+# json fields every sample of our format carries, with their types (docs/DATA.md)
+META_FIELDS = {"key": int, "pid": int, "orig_id": (int, str), "source": str, "image": str, "image_id": int,
+               "caption_id": int}
+SIZES_FILE, MANIFEST_FILE = "sizes.json", "manifest.json"
+
+_BLOCK = tarfile.BLOCKSIZE
+
+
+class ShardError(ValueError):
+    """A shard spec, shard or index file that cannot be used; the message names it. Callers add their flag."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Paths: local files and fsspec URLs alike
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _pathmod(path: str):
+    return posixpath if is_url(path) else os.path
+
+
+def parent(path: str) -> str:
+    return _pathmod(path).dirname(path)
+
+
+def basename(path: str) -> str:
+    return _pathmod(path).basename(path)
+
+
+def join(base: str, name: str) -> str:
+    return _pathmod(base).join(base, name)
+
+
+def open_url(path: str, mode: str = "rb"):
+    if is_url(path):
+        import fsspec
+        return fsspec.open(path, mode).open()
+    return open(path, mode)
+
+
+def exists(path: str) -> bool:
+    if is_url(path):
+        import fsspec
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(p)
+    return os.path.exists(path)
+
+
+def is_tar_name(path: str) -> bool:
+    return path.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shard specs
+
+
+def resolve(spec: str) -> list[str]:
+    """The shard files of one spec, in order: a brace pattern (``dir/train-{000000..000009}.tar``), a glob, a
+    directory (every ``*.tar`` inside, sorted), a text file listing shards (one per line, relative to the list's
+    folder, ``#`` comments), or a single tar; local paths or fsspec URLs. Raises ShardError when a part matches
+    nothing or names a file that does not exist. ``::`` (several sets) is the caller's business."""
+    out: list[str] = []
+    for part in braceexpand(spec):
+        if is_url(part):
+            found = _resolve_url(part)
+        elif os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise ShardError(f"{part!r} is a directory without any *.tar shard")
+        elif any(c in part for c in "*?["):
+            found = sorted(glob.glob(part))
+        elif os.path.isfile(part) and not is_tar_name(part):
+            found = _read_list(part)
+        elif os.path.isfile(part):
+            found = [part]
+        else:
+            raise ShardError(f"shard {part!r} does not exist")
+        if not found:
+            raise ShardError(f"{part!r} matches no shard")
+        out += found
+    return out
+
+
+def _resolve_url(part: str) -> list[str]:
+    import fsspec
+    fs, p = fsspec.core.url_to_fs(part)
+    proto = part.split("://", 1)[0]
+
+    def with_proto(x: str) -> str:
+        return x if "://" in x else f"{proto}://{x}"
+
+    if any(c in p for c in "*?["):
+        return sorted(with_proto(x) for x in fs.glob(p))
+    if fs.isdir(p):
+        return sorted(with_proto(x) for x in fs.glob(posixpath.join(p, "*.tar")))
+    if not fs.exists(p):
+        raise ShardError(f"shard {part!r} does not exist")
+    return [part]
+
+
+def _read_list(path: str) -> list[str]:
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{path!r} is neither a .tar shard nor a text file listing shards") from e
+    files = []
+    for ln in lines:
+        if not ln or ln.startswith("#"):
+            continue
+        p = ln if os.path.isabs(ln) or is_url(ln) else os.path.join(base, ln)
+        if not exists(p):
+            raise ShardError(f"shard list {path!r}: listed shard {ln!r} does not exist")
+        files.append(p)
+    if not files:
+        raise ShardError(f"shard list {path!r} lists no shard")
+    return files
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Index files
+
+
+def read_json(path: str):
+    """The parsed file, or None when it does not exist; ShardError when it is not JSON."""
+    if not exists(path):
+        return None
+    try:
+        with open_url(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_sizes(shard_dir: str) -> dict | None:
+    """``{shard basename: sample count}`` of the sizes.json in ``shard_dir``, or None when there is none."""
+    sizes = read_json(join(shard_dir, SIZES_FILE))
+    if sizes is not None and not (isinstance(sizes, dict) and all(isinstance(v, int) for v in sizes.values())):
+        raise ShardError(f"{join(shard_dir, SIZES_FILE)}: expected {{shard name: sample count}}")
+    return sizes
+
+
+def read_split_info(shard_dir: str) -> dict | None:
+    """The manifest.json entry of the split whose shards are in ``shard_dir`` (``ROOT/SPLIT``), if there is one."""
+    manifest = read_json(join(parent(shard_dir), MANIFEST_FILE))
+    if isinstance(manifest, dict):
+        info = manifest.get("splits", {}).get(basename(shard_dir))
+        return info if isinstance(info, dict) else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading samples
+
+
+def split_member(name: str) -> tuple[str | None, str | None]:
+    """webdataset's rule: the key is the member path up to the first dot of its basename, the rest the extension."""
+    return base_plus_ext(name)
+
+
+def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int | None = None,
+                 stream=None) -> Iterator[dict]:
+    """Samples ``{'__key__', '__url__', ext: bytes}`` of one tar, streamed through webdataset's
+    ``tar_file_expander`` and ``group_by_keys``.
+
+    Python's tarfile stops silently at a truncated archive and webdataset's handlers see only exceptions, so a problem
+    is called ``on_problem(url, message)`` once, after the last good sample: an unreadable archive, a member cut short
+    (the sample it belonged to is not yielded), a repeated file name, or fewer samples than ``expected`` (the count
+    sizes.json promised). The caller decides: raise, count, or record. ``stream``: an already open file object to read
+    instead of opening ``url`` (which then only names it)."""
+    state = {"reading": None, "problem": None, "bad_key": None}
+
+    def note_member(fname: str) -> bool:  # called by tar_file_iterator just before it reads a member
+        state["reading"] = fname
+        return True
+
+    def handler(exn: Exception) -> bool:
+        if state["problem"] is None:
+            state["problem"] = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+            if state["reading"] is not None:
+                state["bad_key"] = split_member(state["reading"])[0]
+        return False  # stop: after a read error the rest of a stream is not trustworthy
+
+    n = 0
+    try:
+        with (open_url(url) if stream is None else stream) as f:
+            members = tar_file_expander([{"url": url, "stream": f}], handler=handler, select_files=note_member,
+                                        eof_value=None)
+            held = None  # one sample of look-ahead: the sample being read when an error struck is not yielded
+            for sample in group_by_keys(members, handler=handler):
+                if held is not None:
+                    n += 1
+                    yield held
+                held = sample
+            if held is not None and not (state["problem"] and held["__key__"] == state["bad_key"]):
+                n += 1
+                yield held
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # opening the file or the archive failed
+        if state["problem"] is None:
+            state["problem"] = f"{type(e).__name__}: {e}"
+    problem = state["problem"]
+    if problem is None and expected is not None and n < expected:
+        problem = f"{n} samples where {SIZES_FILE} lists {expected}"
+    if problem is not None:
+        on_problem(url, problem)
+
+
+def image_ext(sample: dict) -> str | None:
+    return next((e for e in IMAGE_EXTS if sample.get(e)), None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def key_name(key: int) -> str:
+    return f"{key:0{KEY_DIGITS}d}"
+
+
+def make_sample(key: int, jpg: bytes, caption: str, meta: dict) -> dict:
+    """One pair of our format; JSON with sorted keys so that the bytes depend only on the content."""
+    return {"__key__": key_name(key), "jpg": jpg,
+            META_EXT: json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+            TEXT_EXT: caption.encode("utf-8")}
+
+
+def tar_size(sample: dict) -> int:
+    """Bytes a sample takes in a tar (a 512-byte header per member, data padded to 512)."""
+    total = 0
+    for k, v in sample.items():
+        if not k.startswith("_"):
+            total += _BLOCK + len(v) + (-len(v)) % _BLOCK
+    return total
+
+
+class TarPacker:
+    """Packs samples into one in-memory tar with ``webdataset.TarWriter`` and fixed metadata (mtime 0, root-owned,
+    empty user/group names, mode 0444, USTAR headers), so the archive depends only on its content: a re-run can
+    compare hashes and skip finished shards."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.writer = TarWriter(self.buf, user="", group="", mode=0o444, mtime=0, encoder=False, compress=False)
+        self.count = self.size = 0
+
+    def add(self, sample: dict) -> None:
+        self.writer.write(sample)
+        self.count += 1
+        self.size += tar_size(sample)
+
+    def finish(self) -> bytes:
+        self.writer.close()  # end-of-archive blocks, padded to a full record as tar(1) does
+        return self.buf.getvalue()
+
+
+def pack(samples) -> bytes:
+    p = TarPacker()
+    for s in samples:
+        p.add(s)
+    return p.finish()
+
+
+def sizes_json(sizes: dict[str, int]) -> bytes:
+    return json.dumps(sizes, indent=1).encode()
