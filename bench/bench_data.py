@@ -44,8 +44,9 @@ def ours(shards, image_size, batch, workers, max_batches, uint8=False):
 
 def peer(shards, image_size, batch, workers, max_batches):
     import webdataset as wds
-    from fast_clip.shards import resolve
-    urls = resolve(shards)
+    from glob import glob
+    from braceexpand import braceexpand
+    urls = sorted(glob(os.path.join(shards, "*.tar"))) if os.path.isdir(shards) else list(braceexpand(shards))
     tf = build_transform(image_size, train=True)
     tok = get_tokenizer("PersonTiny")
     ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)

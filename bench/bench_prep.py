@@ -18,6 +18,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import webdataset  # noqa: F401  imported before any timing: it loads torch (~1.4 s), which no row should count
+
 from data_prep import make_shards
 from data_prep.records import Entry
 from data_prep.synthetic import SyntheticRenderer, make_identities

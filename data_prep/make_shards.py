@@ -104,6 +104,8 @@ def run(args, command) -> int:
         kw = {k: getattr(args, k) for k in ("split", "id_column", "sep") if hasattr(args, k)}
         entries = READERS[args.source](args.annotations, drops, **kw)
         fs, root = get_fs(args.images)
+        if not fs.isdir(root):  # a typo or an unmounted disk: every image would be dropped as missing
+            raise PrepError(f"--images {args.images}: no such directory (nothing in {args.output} was changed)")
         loader = FileImageLoader(fs, root)
     if not entries:
         raise PrepError(f"{getattr(args, 'annotations', args.source)}: no usable records "

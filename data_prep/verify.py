@@ -121,6 +121,8 @@ def verify(output: str, decode: bool = True):
                     cap_words += len(text.split())
                 except UnicodeDecodeError:
                     problems.append(f"{sw}: caption is not UTF-8")
+        if next_key == 0:
+            problems.append(f"{split}: empty split (no pair)")
         if pids != set(range(len(pids))):
             problems.append(f"{split}: pids are not dense 0..{len(pids) - 1}")
         for field, got in (("pairs", next_key), ("captions", next_key), ("images", images),

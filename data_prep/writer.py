@@ -15,25 +15,29 @@ from fast_clip import shards
 
 from . import FORMAT_VERSION
 from .fsio import get_fs, join, sha256_file, write_atomic
-from .records import SPLITS, Drops, id_sort_key
+from .records import SPLITS, Drops, PrepError, id_sort_key
+
+STAGING = ".staging"  # new shards wait here until every split is complete (then they are renamed into place)
+
 
 class ShardSink:
-    """Accumulates samples and flushes shards of at most maxcount samples / maxsize bytes. A finished shard whose
-    bytes already sit at its final name is left alone (re-runs skip finished work); otherwise it is written to a
-    hidden temporary name and renamed, so a shard under its real name is always complete."""
+    """Packs samples into shards of at most maxcount samples / maxsize bytes and stages each finished shard in
+    SPLIT/.staging/ -- unless identical bytes already sit at its final name (re-runs skip finished work). Nothing
+    under a final name changes until :func:`commit_split`."""
 
     def __init__(self, fs, split_dir: str, split: str, maxcount: int, maxsize: int, overwrite: bool):
         self.fs, self.dir, self.split = fs, split_dir, split
         self.maxcount, self.maxsize, self.overwrite = maxcount, maxsize, overwrite
         self.packer = shards.TarPacker()
         self.shards: list[dict] = []
+        self.staged: list[str] = []
         self.written = self.skipped = 0
 
     def add(self, sample: dict):
-        p = self.packer
-        if p.count and (p.count >= self.maxcount or p.size + shards.tar_size(sample) > self.maxsize):
+        p, size = self.packer, shards.tar_size(sample)
+        if p.count and (p.count >= self.maxcount or p.size + size > self.maxsize):
             self.flush()
-        self.packer.add(sample)
+        self.packer.add(sample, size)
 
     def flush(self):
         if not self.packer.count:
@@ -42,11 +46,11 @@ class ShardSink:
         self.packer = shards.TarPacker()
         name = f"{self.split}-{len(self.shards):06d}.tar"
         sha = hashlib.sha256(data).hexdigest()
-        path = join(self.dir, name)
-        if not self.overwrite and _same_file(self.fs, path, data, sha):
+        if not self.overwrite and _same_file(self.fs, join(self.dir, name), data, sha):
             self.skipped += 1
         else:
-            write_atomic(self.fs, path, data)
+            write_atomic(self.fs, join(self.dir, STAGING, name), data)
+            self.staged.append(name)
             self.written += 1
         self.shards.append({"name": name, "count": count, "sha256": sha})
 
@@ -73,7 +77,7 @@ def _call(entry):
     return _LOADER(entry)
 
 
-class Materializer:
+class Workers:
     """Maps entries to (jpeg, drop_reason, captions) in input order, in this process or in a worker pool. Ordered
     imap keeps the output independent of the number of workers."""
 
@@ -95,7 +99,8 @@ class Materializer:
             self.pool.join()
 
 
-def write_split(fs, out_path, split, entries, materializer, drops: Drops, opts, progress=True) -> dict:
+def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, opts, progress=True) -> dict:
+    """Packs one split into SPLIT/.staging/ (see ShardSink); :func:`commit_split` puts it in place."""
     entries = sorted(entries, key=lambda e: (id_sort_key(e.orig_id), e.image))
     split_dir = join(out_path, split)
     fs.makedirs(split_dir, exist_ok=True)
@@ -106,7 +111,7 @@ def write_split(fs, out_path, split, entries, materializer, drops: Drops, opts, 
     per_source: dict[str, dict] = {}
     cap_chars = 0
     bar = tqdm(total=len(entries), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
-    for e, (jpg, reason, caps) in zip(entries, materializer.map(entries)):
+    for e, (jpg, reason, caps) in zip(entries, workers.map(entries)):
         bar.update(1)
         if reason is None and not caps:
             reason = "no_valid_captions"
@@ -130,10 +135,9 @@ def write_split(fs, out_path, split, entries, materializer, drops: Drops, opts, 
         image_id += 1
     bar.close()
     sink.flush()
-    keep = {s["name"] for s in sink.shards}
-    _remove_stale_shards(fs, split_dir, split, keep)
-    write_atomic(fs, join(split_dir, shards.SIZES_FILE),
-                 shards.sizes_json({s["name"]: s["count"] for s in sink.shards}))
+    if key == 0:
+        raise PrepError(f"split {split!r}: none of its {len(entries)} images could be packed "
+                        f"(dropped: {drops.split_dict(split)}); is --images right? Nothing in the output was changed")
     return {
         "pairs": key, "images": image_id, "captions": key, "identities": len(pids),
         "shards": sink.shards,
@@ -141,15 +145,45 @@ def write_split(fs, out_path, split, entries, materializer, drops: Drops, opts, 
                     for k, v in sorted(per_source.items())},
         "dropped": drops.split_dict(split),
         "_written": sink.written, "_skipped": sink.skipped, "_mean_caption_chars": cap_chars / max(1, key),
+        "_staged": sink.staged,
     }
 
 
+def commit_split(fs, out_path: str, split: str, info: dict) -> None:
+    """Staged shards to their final names, shards of an earlier, longer run removed, sizes.json rewritten."""
+    split_dir = join(out_path, split)
+    for name in info["_staged"]:
+        fs.mv(join(split_dir, STAGING, name), join(split_dir, name))
+    _remove_stale_shards(fs, split_dir, split, {s["name"] for s in info["shards"]})
+    write_atomic(fs, join(split_dir, shards.SIZES_FILE),
+                 shards.sizes_json({s["name"]: s["count"] for s in info["shards"]}))
+    _remove_staging(fs, split_dir)
+
+
 def _remove_temporaries(fs, split_dir):
-    """Leftovers of an interrupted run: hidden .NAME.tmp files are never complete, remove them."""
+    """Leftovers of an interrupted run: hidden .NAME.tmp files and staged shards are never committed, remove them."""
     for p in fs.ls(split_dir, detail=False):
         base = p.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith(".") and base.endswith(".tmp"):
             fs.rm(p)
+    _remove_staging(fs, split_dir)
+
+
+def _remove_staging(fs, split_dir):
+    staging = join(split_dir, STAGING)
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+
+
+def other_splits(fs, out_path: str, splits) -> list[str]:
+    """Folders of the output that hold shards but are not splits of this run (left by an earlier run)."""
+    out = []
+    for p in fs.ls(out_path, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if name not in splits and not name.startswith(".") and fs.isdir(p) and (
+                fs.exists(join(p, shards.SIZES_FILE)) or fs.glob(join(p, "*.tar"))):
+            out.append(name)
+    return sorted(out)
 
 
 def _remove_stale_shards(fs, split_dir, split, keep):
@@ -169,15 +203,24 @@ def write_dataset(output: str, entries_by_split: dict, loader, drops: Drops, opt
     fs, out_path = get_fs(output)
     fs.makedirs(out_path, exist_ok=True)
     manifest_path = join(out_path, shards.MANIFEST_FILE)
-    # The old manifest goes first: if this run is interrupted the output must not look complete.
+    workers = Workers(loader, opts.get("workers", 1))
+    splits: dict = {}
+    try:
+        for s in split_order(entries_by_split):
+            splits[s] = write_split(fs, out_path, s, entries_by_split[s], workers, drops, opts, progress)
+    except BaseException:
+        for s in entries_by_split:  # the previous output stays as it was: drop what this run staged
+            if fs.exists(join(out_path, s)):
+                _remove_staging(fs, join(out_path, s))
+        raise
+    finally:
+        workers.close()
+    # Every split is complete: now the old manifest goes (an interrupted commit must not look complete), the staged
+    # shards take their names, and the new manifest is written last.
     if fs.exists(manifest_path):
         fs.rm(manifest_path)
-    mat = Materializer(loader, opts.get("workers", 1))
-    try:
-        splits = {s: write_split(fs, out_path, s, entries_by_split[s], mat, drops, opts, progress)
-                  for s in split_order(entries_by_split)}
-    finally:
-        mat.close()
+    for s, info in splits.items():
+        commit_split(fs, out_path, s, info)
     manifest = {
         "format_version": FORMAT_VERSION,
         "splits": {s: {k: v for k, v in info.items() if not k.startswith("_")} for s, info in splits.items()},
@@ -187,6 +230,7 @@ def write_dataset(output: str, entries_by_split: dict, loader, drops: Drops, opt
     }
     write_atomic(fs, manifest_path, json.dumps(manifest, indent=1, sort_keys=False, default=str).encode())
     manifest["_runtime"] = {s: {k: v for k, v in info.items() if k.startswith("_")} for s, info in splits.items()}
+    manifest["_other_splits"] = other_splits(fs, out_path, splits)
     return manifest
 
 
@@ -198,6 +242,9 @@ def summary(manifest: dict) -> str:
         lines.append(f"{s:>6}: {info['pairs']} pairs, {info['images']} images, {info['identities']} identities, "
                      f"{len(info['shards'])} shards ({r.get('_written', 0)} written, {r.get('_skipped', 0)} "
                      f"unchanged and skipped)")
+    for name in manifest.get("_other_splits", []):
+        lines.append(f"note: {name}/ holds shards of an earlier run and is not in this manifest: the trainer and "
+                     f"evaluator refuse it; delete it or include that split")
     dropped = manifest.get("dropped", {})
     total = sum(dropped.values())
     lines.append(f"dropped: {total}" + (" (" + ", ".join(f"{k}: {v}" for k, v in dropped.items()) + ")"

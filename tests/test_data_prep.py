@@ -450,3 +450,68 @@ def test_csv_bad_rows_are_counted(tmp_path):
     assert [x["txt"].decode() for x in s] == ["good"]
     assert man["dropped"] == {"empty_caption": 1, "missing_field": 1, "no_valid_captions": 1, "non_utf8_text": 1,
                               "path_escapes_root": 1}
+
+
+# ------------------------------------------------------------------------------- never lose finished work ---
+
+def tree_hashes(root):
+    """sha256 of every file under root (hidden staging included), by relative path."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_a_failing_rerun_leaves_the_previous_output_byte_identical(cuhk, tmp_path, capsys):
+    ann, imgs, recs = cuhk
+    out = tmp_path / "o"
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", out, "--maxcount", 4]) == 0
+    before = tree_hashes(out)
+    # 1. a mistyped image root
+    assert run(["cuhkpedes", "--annotations", ann, "--images", tmp_path / "imgz", "-o", out]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert tree_hashes(out) == before
+    # 2. the root exists but no image of a split is there: the split would be empty
+    (tmp_path / "empty").mkdir()
+    assert run(["cuhkpedes", "--annotations", ann, "--images", tmp_path / "empty", "-o", out, "--maxcount", 2]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 6 images could be packed" in err and "missing_image" in err
+    assert tree_hashes(out) == before
+    # 3. different data that stops half-way under --strict (the test split's last image is missing): the train
+    #    split was already packed, with other bytes, but nothing of it may replace the old shards
+    recs2 = [dict(r, captions=[c + " (v2)" for c in r["captions"]]) for r in recs]
+    recs2[-1]["file_path"] = "test/nowhere.jpg"
+    ann2 = write_json(tmp_path / "v2.json", recs2)
+    assert run(["cuhkpedes", "--annotations", ann2, "--images", imgs, "-o", out, "--maxcount", 2, "--strict"]) == 2
+    assert tree_hashes(out) == before
+    assert make_shards.main(["verify", str(out)]) == 0
+
+
+def test_splits_of_an_earlier_run_are_reported_and_refused(cuhk, tmp_path, capsys):
+    from evaluation.extract import EvalError, resolve_shards
+
+    ann, imgs, recs = cuhk
+    out = tmp_path / "o"
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", out]) == 0
+    train_only = write_json(tmp_path / "train.json", [r for r in recs if r["split"] == "train"])
+    capsys.readouterr()
+    assert run(["cuhkpedes", "--annotations", train_only, "--images", imgs, "-o", out]) == 0
+    assert "note: test/ holds shards of an earlier run" in capsys.readouterr().out
+    with pytest.raises(EvalError, match="not a split of the .*manifest.json"):
+        resolve_shards(str(out / "test"))
+    assert len(resolve_shards(str(out / "train"))) == 1
+
+
+def test_verify_fails_on_an_empty_split(cuhk, tmp_path, capsys):
+    ann, imgs, _ = cuhk
+    out = tmp_path / "o"
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", out]) == 0
+    man = json.load(open(out / "manifest.json"))
+    man["splits"]["val"] = {"pairs": 0, "images": 0, "captions": 0, "identities": 0, "shards": []}
+    (out / "val").mkdir()
+    (out / "val" / "sizes.json").write_text("{}")
+    (out / "manifest.json").write_text(json.dumps(man))
+    assert make_shards.main(["verify", str(out)]) == 1
+    assert "val: empty split" in capsys.readouterr().err

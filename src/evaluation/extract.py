@@ -72,7 +72,10 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
         for sub in str(part).split("::"):
             if sub.strip():
                 try:
-                    out += shards.resolve(sub.strip())
+                    found = shards.resolve(sub.strip())
+                    for d in dict.fromkeys(shards.parent(f) for f in found):
+                        shards.check_listed(d)
+                    out += found
                 except shards.ShardError as e:
                     raise EvalError(f"--data: {e}") from e
     if not out:

@@ -84,6 +84,7 @@ def load_shard_set(spec: str, index: int = 0) -> ShardSet:
         for u in urls:
             d = shards.parent(u)
             if d not in by_dir:
+                shards.check_listed(d)
                 sizes = shards.read_sizes(d)
                 if sizes is None:
                     raise DataError(f"{shards.join(d, shards.SIZES_FILE)} is missing: the trainer needs the sample "
