@@ -270,12 +270,6 @@ def test_bad_flags_name_the_flag(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
-def test_missing_sizes_json_is_a_clear_error(tmp_path):
-    (tmp_path / "a.tar").write_bytes(b"")
-    with pytest.raises(D.DataError, match="sizes.json"):
-        D.load_shard_set(str(tmp_path / "a.tar"))
-
-
 @pytest.mark.slow
 def test_weighted_sources_mix_by_weight_with_disjoint_keys(tmp_path):
     a = write_shards(str(tmp_path / "a"), num_ids=16, shard_size=16)            # 64 pairs

@@ -175,6 +175,44 @@ def read_sizes(shard_dir: str) -> dict | None:
     return sizes
 
 
+def read_stats_counts(shard_dir: str, names: list[str]) -> dict | None:
+    """Sample counts from img2dataset's per-shard ``NAME_stats.json`` (its ``successes``), for the shards that have
+    one; None when none has."""
+    out = {}
+    for n in names:
+        stem = n[: -len(".tar")] if n.endswith(".tar") else n
+        stats = read_json(join(shard_dir, f"{stem}_stats.json"))
+        if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
+            out[n] = stats["successes"]
+    return out or None
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, by reading it (ShardError when it cannot be read whole)."""
+    def fail(u, problem):
+        raise ShardError(f"shard {u} cannot be counted: {problem}")
+    return sum(1 for _ in iter_samples(url, fail))
+
+
+def write_sizes(shard_dir: str, sizes: dict) -> bool:
+    """Write sizes.json into a local folder (atomically; a unique temporary name, since every rank may do it).
+    False when the folder is a URL or not writable."""
+    if is_url(shard_dir):
+        return False
+    tmp = os.path.join(shard_dir, f".{SIZES_FILE}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(sizes_json(dict(sorted(sizes.items()))))
+        os.replace(tmp, os.path.join(shard_dir, SIZES_FILE))
+        return True
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        return False
+
+
 def read_split_info(shard_dir: str) -> dict | None:
     """The manifest.json entry of the split whose shards are in ``shard_dir`` (``ROOT/SPLIT``), if there is one."""
     manifest = read_json(join(parent(shard_dir), MANIFEST_FILE))

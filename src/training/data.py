@@ -25,7 +25,7 @@ import io
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -61,55 +61,74 @@ class Tally:
 
 @dataclass
 class ShardSet:
+    """One '::' set: its fixed shard list with sample counts. A pair's index in the loss state is its position in
+    this list (shard base + index in the shard) plus the set's key_offset, so no json key is needed and the state is
+    exactly as large as the data."""
     spec: str
     urls: list[str]
     counts: list[int]
-    split_pairs: int           # pairs of the whole split (keys of this set are < split_pairs)
     split_ids: int | None      # identities of the split, when a manifest says so
+    ours: bool = False         # a make_shards split (manifest.json beside it): every sample has a json with a pid
     key_offset: int = 0
     pid_offset: int = 0
     index: int = 0
+    bases: list[int] = field(default_factory=list)  # position of each shard's first sample in the set
+
+    def __post_init__(self):
+        self.bases = [sum(self.counts[:i]) for i in range(len(self.counts))]
 
     @property
     def num_pairs(self) -> int:
         return sum(self.counts)
 
 
-def load_shard_set(spec: str, index: int = 0) -> ShardSet:
-    """Resolve a shard spec and read each shard's sample count from the ``sizes.json`` beside it."""
+def _shard_counts(d: str, names: list[str], logger) -> dict:
+    """Sample counts of the shards ``names`` in folder ``d``: its sizes.json, else img2dataset's ``*_stats.json``,
+    else a one-time scan that is written to ``d/sizes.json`` when the folder is writable."""
+    sizes = shards.read_sizes(d) or shards.read_stats_counts(d, names) or {}
+    missing = [n for n in names if n not in sizes]
+    if missing:
+        logger(f"{d}: no sample count for {len(missing)} shard(s) (no sizes.json / *_stats.json): counting them once")
+        for n in missing:
+            sizes[n] = shards.count_samples(shards.join(d, n))
+        if shards.write_sizes(d, sizes):
+            logger(f"{d}: wrote {shards.SIZES_FILE} ({len(sizes)} shards)")
+        else:
+            logger(f"{d}: cannot write {shards.SIZES_FILE} there; every start will count again "
+                   f"(python data_prep/make_shards.py index DIR writes it where you can)")
+    return sizes
+
+
+def load_shard_set(spec: str, index: int = 0, logger=None) -> ShardSet:
+    """Resolve a shard spec and find each shard's sample count (see _shard_counts)."""
+    logger = logger or _warn
     try:
         urls = shards.resolve(spec)
-        counts, split_pairs, split_ids = [], 0, None
-        by_dir: dict[str, dict] = {}
+        by_dir: dict[str, list[str]] = {}
         for u in urls:
-            d = shards.parent(u)
-            if d not in by_dir:
-                shards.check_listed(d)
-                sizes = shards.read_sizes(d)
-                if sizes is None:
-                    raise DataError(f"{shards.join(d, shards.SIZES_FILE)} is missing: the trainer needs the sample "
-                                    f"count of every shard (data_prep/make_shards.py writes it)")
-                by_dir[d] = sizes
-                split_pairs += sum(sizes.values())
-                info = shards.read_split_info(d)
-                if info and info.get("identities") is not None:
-                    split_ids = (split_ids or 0) + int(info["identities"])
-            name = shards.basename(u)
-            if name not in by_dir[d]:
-                raise DataError(f"shard {u} is not listed in the {shards.SIZES_FILE} beside it")
-            counts.append(by_dir[d][name])
+            by_dir.setdefault(shards.parent(u), []).append(shards.basename(u))
+        sizes, split_ids, ours = {}, None, True
+        for d, names in by_dir.items():
+            shards.check_listed(d)
+            sizes[d] = _shard_counts(d, names, logger)
+            info = shards.read_split_info(d)
+            ours = ours and info is not None
+            if info and info.get("identities") is not None:
+                split_ids = (split_ids or 0) + int(info["identities"])
+        counts = [sizes[shards.parent(u)][shards.basename(u)] for u in urls]
     except shards.ShardError as e:
         raise DataError(f"--train-data set {spec!r}: {e}") from e
-    return ShardSet(spec=spec, urls=urls, counts=counts, split_pairs=split_pairs, split_ids=split_ids, index=index)
+    return ShardSet(spec=spec, urls=urls, counts=counts, split_ids=split_ids if ours else None, ours=ours,
+                    index=index)
 
 
-def load_train_sets(train_data: str) -> list[ShardSet]:
+def load_train_sets(train_data: str, logger=None) -> list[ShardSet]:
     """Each '::' set gets key and pid offsets so that the loss state (one entry per pair) covers all sets."""
     sets, key_off, pid_off = [], 0, 0
     for i, spec in enumerate(train_data.split("::")):
-        s = load_shard_set(spec.strip(), index=i)
+        s = load_shard_set(spec.strip(), index=i, logger=logger)
         s.key_offset, s.pid_offset = key_off, pid_off
-        key_off += s.split_pairs
+        key_off += s.num_pairs
         # Person ids of different sets are different people; without a manifest, leave a wide gap.
         pid_off += s.split_ids if s.split_ids is not None else 10_000_000
         sets.append(s)
@@ -178,29 +197,32 @@ def debiased_worker_share(plan: list[int], workers: int, w: int, source: int) ->
     return sum(counts[:w]), counts[w]
 
 
-def shard_order(sets: list[ShardSet], seed: int, epoch: int, shuffle: bool, *parts: int) -> list[tuple[ShardSet, str, int]]:
-    """The epoch's shard sequence (``parts`` tell apart several orders of one epoch, e.g. one per set)."""
-    order = [(s, u, c) for s in sets for u, c in zip(s.urls, s.counts)]
+def shard_order(sets: list[ShardSet], seed: int, epoch: int, shuffle: bool, *parts: int) -> list[tuple]:
+    """The epoch's shard sequence of (set, url, count, base) (``parts`` tell apart several orders of one epoch, e.g.
+    one per set)."""
+    order = [(s, u, c, b) for s in sets for u, c, b in zip(s.urls, s.counts, s.bases)]
     if shuffle:
         random.Random(rng_seed(Stream.SHARD_ORDER, seed, epoch, *parts)).shuffle(order)
     return order
 
 
-def read_range(order: list[tuple[ShardSet, str, int]], start: int, end: int, counter: "Tally"):
-    """The samples at positions [start, end) of the sequence formed by ``order``; only overlapping shards are read."""
+def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
+    """(sample, set, key) at positions [start, end) of the sequence formed by ``order``; only overlapping shards are
+    read. key: the pair's index in the loss state (its position in its set's fixed shard list + the set's offset).
+    A shard holding more samples than its count is read only up to the count (the rest would take others' keys)."""
     pos = 0
-    for sset, url, count in order:
+    for sset, url, count, base in order:
         if pos + count <= start:
             pos += count
             continue
         if pos >= end:
             break
-        i = pos
+        i, stop = pos, min(end, pos + count)
         for raw in iter_tar_samples(url, counter, expected=count):
-            if i >= end:
+            if i >= stop:
                 break
             if i >= start:
-                yield raw, sset
+                yield raw, sset, sset.key_offset + base + i - pos
             i += 1
         pos += count
 
@@ -241,44 +263,62 @@ class LoaderConfig:
 
 @dataclass
 class SampleDecoder:
-    """Raw sample -> (image tensor, caption, key, pid); raises _BadSample with a reason."""
+    """Raw sample -> (image, caption, key, pid); raises _BadSample with a reason and what exactly is wrong.
+
+    A make_shards split needs its json (with the pid). Any other webdataset shard set needs only an image
+    (jpg/jpeg/png/webp) and a caption: the ``caption_key`` member (default ``txt``) or, failing that, the json field
+    of that name (img2dataset writes both); the pid is the json's ``pid`` when there is one, else -1 (unknown)."""
     transform: object
     clean: object
+    caption_key: str = "txt"
 
-    def __call__(self, raw: dict, sset: ShardSet):
+    def _meta(self, raw: dict, required: bool):
         if "json" not in raw:
-            raise _BadSample("missing_json")
+            if required:
+                raise _BadSample("missing_json", "no .json member (make_shards writes one per sample)")
+            return None
         try:
             meta = json.loads(raw["json"].decode("utf-8"))
-            key, pid = int(meta["key"]), int(meta["pid"])
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise _BadSample("bad_json")
-        if not 0 <= key < sset.split_pairs:
-            raise _BadSample("key_out_of_range")
-        if "txt" not in raw:
-            raise _BadSample("missing_caption")
-        try:
-            text = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            raise _BadSample("caption_not_utf8")
-        text = self.clean(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if required:
+                raise _BadSample("bad_json", ".json is not UTF-8 JSON")
+            return None
+        if required and not (isinstance(meta, dict) and isinstance(meta.get("pid"), int)):
+            raise _BadSample("bad_json", ".json lacks an integer 'pid'")
+        return meta if isinstance(meta, dict) else None
+
+    def _caption(self, raw: dict, meta) -> str:
+        k = self.caption_key
+        if k in raw:
+            try:
+                return raw[k].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _BadSample("caption_not_utf8", f".{k} is not UTF-8")
+        if meta is not None and isinstance(meta.get(k), str):
+            return meta[k]
+        raise _BadSample("missing_caption", f"no .{k} member and no '{k}' field in the json (--caption-key)")
+
+    def __call__(self, raw: dict, sset: ShardSet, key: int):
+        meta = self._meta(raw, required=sset.ours)
+        text = self.clean(self._caption(raw, meta))
         if not text:
-            raise _BadSample("empty_caption")
+            raise _BadSample("empty_caption", "the caption is empty after clean-up")
         ext = shards.image_ext(raw)
         if ext is None:
-            raise _BadSample("missing_image")
-        img_bytes = raw[ext]
+            raise _BadSample("missing_image", f"no image member ({', '.join(shards.IMAGE_EXTS)})")
         try:
-            with Image.open(io.BytesIO(img_bytes)) as im:
+            with Image.open(io.BytesIO(raw[ext])) as im:
                 im = im.convert("RGB")
         except Exception:  # PIL raises many types for corrupt data
-            raise _BadSample("bad_image")
-        return im, text, key + sset.key_offset, pid + sset.pid_offset
+            raise _BadSample("bad_image", f".{ext} does not decode")
+        pid = meta.get("pid") if meta is not None else None
+        pid = pid + sset.pid_offset if isinstance(pid, int) and pid >= 0 else -1
+        return im, text, key, pid
 
 
 class _BadSample(Exception):
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -405,18 +445,20 @@ class TrainStream(torch.utils.data.IterableDataset):
                 raw = streams[src]
             samples = []
             while len(samples) < b:
-                item, sset = next(raw)
+                item, sset, key = next(raw)
                 seen += 1
                 try:
-                    samples.append((*self.decoder(item, sset), sset.index))
+                    samples.append((*self.decoder(item, sset, key), sset.index))
                 except _BadSample as e:
                     bad += 1
                     counter.add(e.reason, (item.get("__url__"), item.get("__key__")))
                     if bad > max(16, self.cfg.max_bad_frac * seen):
+                        hint = ("check them with: python data_prep/make_shards.py verify OUTPUT" if sset.ours else
+                                "list a shard's members with: tar tf SHARD | head")
                         raise DataError(
                             f"rank {self.rank} worker {w}: {bad} of {seen} samples read are unusable "
-                            f"({dict(counter.delta)}); last in {item.get('__url__')} key {item.get('__key__')}. "
-                            f"Check the shards with: python data_prep/make_shards.py verify OUTPUT")
+                            f"({dict(counter.delta)}); the last, key {item.get('__key__')} of "
+                            f"{item.get('__url__')}: {e.reason}: {e.detail}; {hint}")
             delta = Counter(counter.delta)
             counter.delta.clear()
             yield j, samples, delta

@@ -204,13 +204,24 @@ def _train(args, denv) -> int:
                 f"{args.image_size[0]}x{args.image_size[1]} | loss {args.loss_config.loss}")
 
     try:
-        sets = load_train_sets(args.train_data)
+        sets = load_train_sets(args.train_data, logger=logger.info)
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    data_size = args.loss_config.data_size or sum(s.split_pairs for s in sets)
+    total = sum(s.num_pairs for s in sets)
+    data_size = args.loss_config.data_size or total
+    if data_size < total:
+        raise SystemExit(f"error: --data_size {data_size} is smaller than the {total} pairs of --train-data (one "
+                         f"loss-state entry per pair); leave it out to use {total}")
     for s in sets:
         logger.info(f"data set {s.index}: {s.spec} | {len(s.urls)} shards | {s.num_pairs} pairs | "
-                    f"keys {s.key_offset}..{s.key_offset + s.split_pairs - 1}")
+                    f"keys {s.key_offset}..{s.key_offset + s.num_pairs - 1}"
+                    + ("" if s.ours else " | not a make_shards split: no person ids, json optional"))
+    if args.val_data:  # a typo must not cost an epoch
+        from evaluation.evaluate import EvalError, resolve_shards
+        try:
+            resolve_shards(args.val_data)
+        except EvalError as e:
+            raise SystemExit(f"error: --val-data: {e}")
 
     from fast_clip.model import WeightsFileError
     try:
@@ -240,7 +251,7 @@ def _train(args, denv) -> int:
     tokenizer = get_tokenizer(args.model)
     on_device = args.augment_device == "device" or (args.augment_device == "auto" and denv.device.type == "cuda")
     decoder = SampleDecoder(transform=build_transform(args.image_size, train=not args.no_augment, uint8=on_device),
-                            clean=clean_caption)
+                            clean=clean_caption, caption_key=args.caption_key)
     weights = [float(x) for x in args.train_data_weights.split("::")] if args.train_data_weights else None
     stream = TrainStream(sets, LoaderConfig(batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                                             shuffle_buffer=args.shuffle_buffer,
@@ -358,6 +369,10 @@ def _id_head(args, model, sets, logger, denv):
         return None
     from fast_clip.id_head import ArcFaceHead
     num_ids = args.num_ids
+    foreign = [s.spec for s in sets if not s.ours]
+    if foreign:
+        raise SystemExit(f"error: --id-loss needs person ids, and {foreign} is not a make_shards split (no "
+                         f"manifest.json with pids beside it); pack it with data_prep/make_shards.py or drop --id-loss")
     if num_ids is None:
         if any(s.split_ids is None for s in sets):
             raise SystemExit("error: --id-loss needs the number of person ids: no manifest.json beside "

@@ -24,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--train-data", required=True,
-                   help="Shard set(s): brace pattern, directory of .tar files, or several joined with '::'.")
+                   help="Shard set(s), several joined with '::': a directory of .tar files, a brace pattern, a glob, "
+                        "a text file listing shards; local, file://, http(s)://, any fsspec URL, or pipe:COMMAND. "
+                        "make_shards splits or any webdataset shards (image + caption; sample counts from sizes.json, "
+                        "img2dataset's *_stats.json, or counted once).")
+    d.add_argument("--caption-key", default="txt",
+                   help="Caption of a sample: this member (e.g. txt) or, failing that, this field of its json.")
     d.add_argument("--train-data-weights", default=None,
                    help="Sampling weights per '::' set, e.g. '1::3'. Given: sets are mixed by weighted sampling "
                         "(with replacement, per-source counts logged). Not given: sets are concatenated and every "
