@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from fast_clip import shards
 from evaluation.extract import (EvalError, TestSet, default_transform, extract_features, load_test_set, run_cli,
                                 resolve_shards)
 from evaluation.metrics import recall_at_1_from_features, retrieval_metrics_from_features, topk_indices
@@ -160,23 +161,30 @@ def dataset_name(spec: str) -> str:
 
 def default_datasets(train_data: str | None) -> dict[str, str]:
     """The ``test/`` split next to each ``::``-separated training set: for ``ROOT/train/train-{..}.tar`` that is
-    ``ROOT/test`` when the folder exists."""
-    from braceexpand import braceexpand
-
+    ``ROOT/test`` when it exists (local folders and URLs alike; pipe: sets have no folder)."""
     out: dict[str, str] = {}
     roots: list[str] = []
     for part in (train_data or "").split("::"):
         part = part.strip()
         if not part:
             continue
-        for p in braceexpand(part):
-            root = os.path.dirname(os.path.normpath(_pattern_dir(p)))
+        try:
+            files = shards.resolve(part)
+        except shards.ShardError as e:
+            print(f"warning: training set {part!r} cannot be resolved ({e}); no test split looked up for it",
+                  file=sys.stderr)
+            continue
+        for f in files:
+            if shards.is_pipe(f):
+                continue
+            root = shards.parent(shards.parent(f))
             if root not in roots:
                 roots.append(root)
     for root in roots:
-        test = os.path.join(root or ".", "test")
-        if os.path.isdir(test):
-            out[_unique(out, os.path.basename(os.path.abspath(root)) or "test")] = test
+        test = shards.join(root or ".", "test")
+        if shards.exists(test):
+            name = shards.basename(root.rstrip("/")) if shards.is_url(root) else os.path.basename(os.path.abspath(root))
+            out[_unique(out, name or "test")] = test
         else:
             print(f"warning: no test split at {test!r} for training data under {root!r}; skipped", file=sys.stderr)
     return out

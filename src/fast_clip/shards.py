@@ -45,8 +45,13 @@ class ShardError(ValueError):
 # Paths: local files and fsspec URLs alike
 
 
+def is_pipe(path: str) -> bool:
+    """webdataset's ``pipe:COMMAND`` convention: the shard is the command's stdout (``aws s3 cp URL -``, ``curl``)."""
+    return path.startswith("pipe:")
+
+
 def is_url(path: str) -> bool:
-    return "://" in path
+    return "://" in path or is_pipe(path)
 
 
 def _pathmod(path: str):
@@ -54,28 +59,41 @@ def _pathmod(path: str):
 
 
 def parent(path: str) -> str:
-    return _pathmod(path).dirname(path)
+    """The folder of a shard (where its sizes.json is); a pipe: shard has none: all of them share "pipe:"."""
+    return "pipe:" if is_pipe(path) else _pathmod(path).dirname(path)
 
 
 def basename(path: str) -> str:
-    return _pathmod(path).basename(path)
+    return path if is_pipe(path) else _pathmod(path).basename(path)
 
 
 def join(base: str, name: str) -> str:
     return _pathmod(base).join(base, name)
 
 
+def _fs(path: str):
+    import fsspec
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs: fsspec's message says what to install
+        raise ShardError(f"{path}: {e}") from e
+
+
 def open_url(path: str, mode: str = "rb"):
+    if is_pipe(path):
+        from webdataset.gopen import gopen  # a Pipe whose close() raises when the command failed
+        return gopen(path, mode)
     if is_url(path):
-        import fsspec
-        return fsspec.open(path, mode).open()
+        fs, p = _fs(path)
+        return fs.open(p, mode)
     return open(path, mode)
 
 
 def exists(path: str) -> bool:
+    if is_pipe(path):
+        return True  # cannot be known without running the command
     if is_url(path):
-        import fsspec
-        fs, p = fsspec.core.url_to_fs(path)
+        fs, p = _fs(path)
         return fs.exists(p)
     return os.path.exists(path)
 
@@ -91,10 +109,14 @@ def is_tar_name(path: str) -> bool:
 def resolve(spec: str) -> list[str]:
     """The shard files of one spec, in order: a brace pattern (``dir/train-{000000..000009}.tar``), a glob, a
     directory (every ``*.tar`` inside, sorted), a text file listing shards (one per line, relative to the list's
-    folder, ``#`` comments), or a single tar; local paths or fsspec URLs. Raises ShardError when a part matches
+    folder, ``#`` comments), or a single tar; local paths, fsspec URLs (file://, http(s)://, s3:// with s3fs, ...),
+    or ``pipe:COMMAND`` (brace-expanded, not checked: the command runs when the shard is read). Raises ShardError when a part matches
     nothing or names a file that does not exist. ``::`` (several sets) is the caller's business."""
     out: list[str] = []
     for part in braceexpand(spec):
+        if is_pipe(part):
+            out.append(part)
+            continue
         if is_url(part):
             found = _resolve_url(part)
         elif os.path.isdir(part):
@@ -116,8 +138,7 @@ def resolve(spec: str) -> list[str]:
 
 
 def _resolve_url(part: str) -> list[str]:
-    import fsspec
-    fs, p = fsspec.core.url_to_fs(part)
+    fs, p = _fs(part)
     proto = part.split("://", 1)[0]
 
     def with_proto(x: str) -> str:
@@ -158,7 +179,7 @@ def _read_list(path: str) -> list[str]:
 
 def read_json(path: str):
     """The parsed file, or None when it does not exist; ShardError when it is not JSON."""
-    if not exists(path):
+    if is_pipe(path) or not exists(path):
         return None
     try:
         with open_url(path) as f:

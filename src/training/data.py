@@ -82,15 +82,16 @@ class ShardSet:
         return sum(self.counts)
 
 
-def _shard_counts(d: str, names: list[str], logger) -> dict:
-    """Sample counts of the shards ``names`` in folder ``d``: its sizes.json, else img2dataset's ``*_stats.json``,
-    else a one-time scan that is written to ``d/sizes.json`` when the folder is writable."""
+def _shard_counts(d: str, urls: list[str], logger) -> dict:
+    """Sample counts (by basename) of the shards ``urls`` in folder ``d``: its sizes.json, else img2dataset's
+    ``*_stats.json``, else a one-time scan that is written to ``d/sizes.json`` when the folder is writable."""
+    names = [shards.basename(u) for u in urls]
     sizes = shards.read_sizes(d) or shards.read_stats_counts(d, names) or {}
-    missing = [n for n in names if n not in sizes]
+    missing = [(n, u) for n, u in zip(names, urls) if n not in sizes]
     if missing:
         logger(f"{d}: no sample count for {len(missing)} shard(s) (no sizes.json / *_stats.json): counting them once")
-        for n in missing:
-            sizes[n] = shards.count_samples(shards.join(d, n))
+        for n, u in missing:
+            sizes[n] = shards.count_samples(u)
         if shards.write_sizes(d, sizes):
             logger(f"{d}: wrote {shards.SIZES_FILE} ({len(sizes)} shards)")
         else:
@@ -106,11 +107,11 @@ def load_shard_set(spec: str, index: int = 0, logger=None) -> ShardSet:
         urls = shards.resolve(spec)
         by_dir: dict[str, list[str]] = {}
         for u in urls:
-            by_dir.setdefault(shards.parent(u), []).append(shards.basename(u))
+            by_dir.setdefault(shards.parent(u), []).append(u)
         sizes, split_ids, ours = {}, None, True
-        for d, names in by_dir.items():
+        for d, in_dir in by_dir.items():
             shards.check_listed(d)
-            sizes[d] = _shard_counts(d, names, logger)
+            sizes[d] = _shard_counts(d, in_dir, logger)
             info = shards.read_split_info(d)
             ours = ours and info is not None
             if info and info.get("identities") is not None:
