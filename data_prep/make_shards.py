@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from data_prep.fsio import get_fs
@@ -32,6 +33,16 @@ def _positive(v):
     return n
 
 
+def _rgb(v):
+    try:
+        rgb = tuple(int(x) for x in v.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= x <= 255 for x in rgb):
+        raise argparse.ArgumentTypeError("expected R,G,B with each value in 0..255, e.g. 255,255,255")
+    return rgb
+
+
 def _frac(v):
     f = float(v)
     if not 0 <= f < 1:
@@ -49,6 +60,9 @@ def _common(p):
     g.add_argument("--overwrite", action="store_true", help="rewrite every shard even if an identical one exists")
     g.add_argument("--strict", action="store_true", help="fail on the first bad record instead of dropping it")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--drops-file", default=None,
+                   help="write every dropped record (reason, file, record index, field, detail, split) to this file "
+                        "as JSON lines, also when the run fails")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--annotations", required=True, help="annotation file (path or fsspec URL)")
         p.add_argument("--images", required=True, help="image root the annotation paths are relative to")
+        p.add_argument("--encoding", default="utf-8",
+                       help="text encoding of the annotation file (default utf-8; e.g. latin-1, cp1252)")
+        p.add_argument("--max-side", type=int, default=0,
+                       help="shrink images whose longer side exceeds this (re-encoded as JPEG 95; default 0: keep)")
+        p.add_argument("--alpha-background", type=_rgb, default=(255, 255, 255), metavar="R,G,B",
+                       help="colour transparent pixels are composited on (default 255,255,255)")
         if name in ("generated", "csv"):
             p.add_argument("--split", default="train", help="split to write (the file has none; default train)")
         if name == "csv":
@@ -83,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sep", default=None, help="column separator (default ',' or tab for .tsv)")
         _common(p)
 
+    p = sub.add_parser("index", help="write sizes.json (sample count per shard) into a folder of webdataset "
+                                     "shards made by another tool, so the trainer need not count them at start")
+    p.add_argument("output", metavar="DIR", help="folder (local or fsspec URL) holding *.tar shards")
+
     p = sub.add_parser("verify", help="check shards against manifest.json and print statistics")
     p.add_argument("output", help="output directory or URL written by make_shards.py")
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
@@ -90,9 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args, command) -> int:
+    drops = Drops(strict=args.strict)
+    try:
+        return _run(args, command, drops)
+    finally:
+        if args.drops_file:
+            _write_drops(args.drops_file, drops)
+
+
+def _run(args, command, drops) -> int:
     from data_prep.writer import summary, write_dataset
 
-    drops = Drops(strict=args.strict)
     if args.source == "synthetic":
         from data_prep.synthetic import SyntheticRenderer, synthetic_entries
 
@@ -101,12 +133,12 @@ def run(args, command) -> int:
         entries = synthetic_entries(args.num_ids, args.images_per_id, args.seed, args.val_frac, args.test_frac)
         loader = SyntheticRenderer(args.seed, args.height, args.width, args.captions_per_image)
     else:
-        kw = {k: getattr(args, k) for k in ("split", "id_column", "sep") if hasattr(args, k)}
+        kw = {k: getattr(args, k) for k in ("split", "id_column", "sep", "encoding") if hasattr(args, k)}
         entries = READERS[args.source](args.annotations, drops, **kw)
         fs, root = get_fs(args.images)
         if not fs.isdir(root):  # a typo or an unmounted disk: every image would be dropped as missing
             raise PrepError(f"--images {args.images}: no such directory (nothing in {args.output} was changed)")
-        loader = FileImageLoader(fs, root)
+        loader = FileImageLoader(fs, root, args.max_side, args.alpha_background)
     if not entries:
         raise PrepError(f"{getattr(args, 'annotations', args.source)}: no usable records "
                         f"(dropped: {drops.as_dict()})")
@@ -114,6 +146,29 @@ def run(args, command) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     manifest = write_dataset(args.output, entries, loader, drops, opts, command, progress)
     print(summary(manifest))
+    if drops.total.get("non_utf8_text") and getattr(args, "encoding", "utf-8") == "utf-8":
+        print(f"note: {drops.total['non_utf8_text']} caption(s)/field(s) were not UTF-8: if the annotation file is "
+              f"in another encoding, give it with --encoding (e.g. latin-1)")
+    return 0
+
+
+def _write_drops(path: str, drops) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in drops.records:
+            f.write(json.dumps(r, ensure_ascii=False, default=str, sort_keys=True) + "\n")
+    print(f"dropped records listed in {path} ({len(drops.records)})", file=sys.stderr)
+
+
+def index(directory: str) -> int:
+    from fast_clip import shards
+    try:
+        urls = shards.resolve(directory)
+        sizes = {shards.basename(u): shards.count_samples(u) for u in urls}
+    except shards.ShardError as e:
+        raise PrepError(str(e)) from e
+    if not shards.write_sizes(directory, sizes):
+        raise PrepError(f"{directory}: cannot write {shards.SIZES_FILE} there (a URL or a read-only folder)")
+    print(f"{shards.join(directory, shards.SIZES_FILE)}: {len(sizes)} shards, {sum(sizes.values())} samples")
     return 0
 
 
@@ -133,6 +188,8 @@ def main(argv=None) -> int:
                 return 1
             print("OK")
             return 0
+        if args.source == "index":
+            return index(args.output)
         return run(args, command)
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,15 +10,15 @@ from .fsio import get_fs, read_bytes
 from .records import SPLITS, AnnotationError, Drops, Entry, is_utf8_clean, safe_relpath
 
 
-def load_json(url: str, top=list):
-    """Parse an annotation file; undecodable bytes are kept as lone surrogates so that one bad record is dropped
-    (reason non_utf8_text) instead of failing the whole file."""
+def load_json(url: str, top=list, encoding: str = "utf-8"):
+    """Parse an annotation file in ``encoding`` (--encoding); undecodable bytes are kept as lone surrogates so that
+    one bad record is dropped (reason non_utf8_text) instead of failing the whole file."""
     try:
         raw = read_bytes(url)
     except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as e:
         raise AnnotationError(f"{url}: cannot read annotation file ({type(e).__name__}: {e})") from None
     try:
-        data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+        data = json.loads(raw.decode(encoding, errors="surrogateescape"))
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{url}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(data, top):
@@ -37,7 +37,11 @@ class _Collector:
 
     def captions(self, caps, file, idx, split, fieldname="captions"):
         """Valid captions of a record; bad ones are dropped one by one. None when the field itself is unusable."""
-        if isinstance(caps, str):
+        if isinstance(caps, str) and fieldname == "captions":  # docs/DATA.md: a list of strings, not one string
+            self.drops.drop("malformed_field", file, idx, fieldname, "a single string where a list of captions is "
+                            "expected", split)
+            return None
+        if isinstance(caps, str):  # one caption per record (generated, csv)
             caps = [caps]
         if not isinstance(caps, list):
             self.drops.drop("malformed_field", file, idx, fieldname, f"expected a list of strings, got "
@@ -109,8 +113,8 @@ def _split_value(col: _Collector, rec, file, idx, allowed):
     return split
 
 
-def _read_split_list(url, source, drops, id_f, img_f, cap_f, allowed):
-    data = load_json(url)
+def _read_split_list(url, source, drops, id_f, img_f, cap_f, allowed, encoding="utf-8"):
+    data = load_json(url, encoding=encoding)
     col = _Collector(source, drops)
     for i, rec in enumerate(data):
         if not col.require(rec, ("split", id_f, img_f, cap_f), url, i):
@@ -126,20 +130,20 @@ def _read_split_list(url, source, drops, id_f, img_f, cap_f, allowed):
     return col.by_split
 
 
-def read_cuhkpedes(annotations, drops, **_):
+def read_cuhkpedes(annotations, drops, encoding="utf-8", **_):
     """reid_raw.json: [{split, captions, file_path, id, processed_tokens?}]; processed_tokens is ignored."""
-    return _read_split_list(annotations, "cuhkpedes", drops, "id", "file_path", "captions", SPLITS)
+    return _read_split_list(annotations, "cuhkpedes", drops, "id", "file_path", "captions", SPLITS, encoding)
 
 
-def read_icfgpedes(annotations, drops, **_):
+def read_icfgpedes(annotations, drops, encoding="utf-8", **_):
     """Same schema as CUHK-PEDES; ICFG-PEDES itself only has train and test."""
-    return _read_split_list(annotations, "icfgpedes", drops, "id", "file_path", "captions", SPLITS)
+    return _read_split_list(annotations, "icfgpedes", drops, "id", "file_path", "captions", SPLITS, encoding)
 
 
-def read_rstpreid(annotations, drops, **_):
+def read_rstpreid(annotations, drops, encoding="utf-8", **_):
     """data_captions.json: [{id, img_path, captions, split}]. Captions are kept verbatim (the trainer cleans the
     missing space after full stops)."""
-    return _read_split_list(annotations, "rstpreid", drops, "id", "img_path", "captions", SPLITS)
+    return _read_split_list(annotations, "rstpreid", drops, "id", "img_path", "captions", SPLITS, encoding)
 
 
 def tbps_files(annotations) -> list[tuple[str, str]]:
@@ -165,12 +169,12 @@ def tbps_files(annotations) -> list[tuple[str, str]]:
     return out
 
 
-def read_tbps(annotations, drops, **_):
+def read_tbps(annotations, drops, encoding="utf-8", **_):
     """One JSON list per split: [{file_path, id, captions, captions_bt?}]. captions_bt (back-translations used as
     augmentation by TBPS-CLIP) are not packed: they are not human annotations."""
     col = _Collector("tbps", drops)
     for split, url in tbps_files(annotations if isinstance(annotations, (list, tuple)) else [annotations]):
-        for i, rec in enumerate(load_json(url)):
+        for i, rec in enumerate(load_json(url, encoding=encoding)):
             if not col.require(rec, ("id", "file_path", "captions"), url, i, split):
                 continue
             oid = col.orig_id(rec["id"], url, i, split)
@@ -209,9 +213,9 @@ def _grouped(col, rows, url, split, id_key, img_key, cap_key):
     return col.by_split
 
 
-def read_generated(annotations, drops, split="train", **_):
+def read_generated(annotations, drops, split="train", encoding="utf-8", **_):
     """[{id, image_path, caption}] as text-to-image pipelines write it: one caption per record."""
-    data = load_json(annotations)
+    data = load_json(annotations, encoding=encoding)
     col = _Collector("generated", drops)
     rows = []
     for i, rec in enumerate(data):
@@ -223,7 +227,7 @@ def read_generated(annotations, drops, split="train", **_):
 CSV_COLUMNS = ("image", "image_id", "caption", "caption_id")
 
 
-def read_csv(annotations, drops, split="train", id_column="image_id", sep=None, **_):
+def read_csv(annotations, drops, split="train", id_column="image_id", sep=None, encoding="utf-8", **_):
     """ZeroVL-style table: image, image_id, caption, caption_id; one row per caption, no split column."""
     import pandas as pd
 
@@ -235,7 +239,7 @@ def read_csv(annotations, drops, split="train", id_column="image_id", sep=None, 
         sep = "\t" if str(annotations).endswith((".tsv", ".tsv.gz")) else ","
     try:
         df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype=str, keep_default_na=False,
-                         encoding="utf-8", encoding_errors="surrogateescape")
+                         encoding=encoding, encoding_errors="surrogateescape")
     except Exception as e:  # pandas raises a zoo of parser errors
         raise AnnotationError(f"{annotations}: not a readable CSV table ({type(e).__name__}: {e})") from None
     need = list(dict.fromkeys(list(CSV_COLUMNS) + [id_column]))

@@ -43,12 +43,15 @@ class Drops:
     strict: bool = False
     total: Counter = field(default_factory=Counter)
     per_split: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)  # every drop, for --drops-file
 
     def drop(self, reason: str, file: str, index, fieldname: str, detail: str = "", split: str | None = None):
         if self.strict:
             where = f"record {index}" if index is not None and index >= 0 else "file"
             msg = f"{file}: {where}: field '{fieldname}': {reason}"
             raise RecordError(msg + (f" ({detail})" if detail else ""))
+        self.records.append({"reason": reason, "file": file, "record": index, "field": fieldname, "detail": detail,
+                             "split": split})
         self.total[reason] += 1
         key = split if split else "unassigned"
         self.per_split.setdefault(key, Counter())[reason] += 1

@@ -515,3 +515,108 @@ def test_verify_fails_on_an_empty_split(cuhk, tmp_path, capsys):
     (out / "manifest.json").write_text(json.dumps(man))
     assert make_shards.main(["verify", str(out)]) == 1
     assert "val: empty split" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- image and text input ---
+
+def _one_record(tmp_path, rel, data, caption="a person", encoding="utf-8"):
+    imgs = tmp_path / "imgs"
+    put(imgs, rel, data)
+    ann = tmp_path / "a.json"
+    ann.write_bytes(json.dumps([{"split": "train", "id": 1, "file_path": rel, "captions": [caption]}],
+                               ensure_ascii=False).encode(encoding))
+    return str(ann), str(imgs)
+
+
+def _packed_image(out):
+    _, samples = load(str(out), "train")
+    return Image.open(io.BytesIO(samples[0]["jpg"]))
+
+
+def test_exif_orientation_cmyk_and_alpha_are_normalised(tmp_path):
+    from data_prep.images import check_or_encode
+
+    # an 8x16 (w x h) photo stored sideways: EXIF orientation 6 (rotate 90 degrees clockwise to view)
+    im = Image.new("RGB", (16, 8), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes())
+    out, reason = check_or_encode(buf.getvalue())
+    assert reason is None and Image.open(io.BytesIO(out)).size == (8, 16)
+    # plain RGB JPEG: byte-identical pass-through
+    plain = img_bytes()
+    assert check_or_encode(plain) == (plain, None)
+    # CMYK JPEG -> RGB
+    buf = io.BytesIO()
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(buf, format="JPEG")
+    out, _ = check_or_encode(buf.getvalue())
+    assert Image.open(io.BytesIO(out)).mode == "RGB"
+    # PNG with a transparent half: composited on the given background
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 255, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 4, 8))
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    out, _ = check_or_encode(buf.getvalue(), background=(0, 255, 0))
+    px = Image.open(io.BytesIO(out)).convert("RGB")
+    assert px.getpixel((1, 4))[1] > 200 and px.getpixel((6, 4))[2] > 200
+
+
+def test_max_side_and_decompression_bomb(tmp_path, monkeypatch, capsys):
+    ann, imgs = _one_record(tmp_path, "big.jpg", img_bytes(size=(40, 100)))
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o", "--max-side", 50]) == 0
+    assert _packed_image(tmp_path / "o").size == (20, 50)
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o2"]) == 0
+    assert _packed_image(tmp_path / "o2").size == (40, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4000 px > 2 x 1000: PIL's guard refuses to open it
+    drops = tmp_path / "drops.jsonl"
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o3",
+                "--drops-file", drops]) == 2
+    (rec,) = [json.loads(x) for x in drops.read_text().splitlines()]
+    assert rec["reason"] == "decompression_bomb" and rec["field"] == "file_path" and rec["record"] == 0
+    assert rec["file"] == ann and rec["split"] == "train"
+
+
+def test_annotation_encoding(tmp_path, capsys):
+    ann, imgs = _one_record(tmp_path, "a.jpg", img_bytes(), caption="une femme en manteau café", encoding="latin-1")
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o"]) == 2  # nothing usable
+    assert "non_utf8_text" in capsys.readouterr().err
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o",
+                "--encoding", "latin-1"]) == 0
+    _, samples = load(str(tmp_path / "o"), "train")
+    assert samples[0]["txt"].decode("utf-8") == "une femme en manteau café"
+
+
+def test_symlinks_leading_outside_the_image_root_are_refused(tmp_path):
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(img_bytes())
+    imgs = tmp_path / "imgs"
+    put(imgs, "in.jpg", img_bytes())
+    os.symlink(outside, imgs / "link.jpg")
+    os.symlink(imgs / "in.jpg", imgs / "inner_link.jpg")  # a link that stays inside is fine
+    recs = [{"split": "train", "id": i, "file_path": f, "captions": ["a person"]}
+            for i, f in enumerate(["in.jpg", "link.jpg", "inner_link.jpg"])]
+    ann = write_json(tmp_path / "a.json", recs)
+    drops = tmp_path / "d.jsonl"
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o", "--drops-file",
+                drops]) == 0
+    man, samples = load(str(tmp_path / "o"), "train")
+    assert [json.loads(s["json"])["image"] for s in samples] == ["in.jpg", "inner_link.jpg"]
+    assert [json.loads(x)["reason"] for x in drops.read_text().splitlines()] == ["path_escapes_root"]
+
+
+def test_captions_as_a_plain_string_are_dropped_as_documented(tmp_path):
+    d = Drops()
+    recs = [{"split": "train", "id": 1, "file_path": "a.jpg", "captions": "just one string"}]
+    assert read_cuhkpedes(write_json(tmp_path / "a.json", recs), d) == {}
+    assert d.records[0]["reason"] == "malformed_field" and "single string" in d.records[0]["detail"]
+
+
+def test_index_writes_sizes_for_foreign_shards(tmp_path, capsys):
+    d = tmp_path / "wds"
+    d.mkdir()
+    with wds.ShardWriter(str(d / "%05d.tar"), maxcount=3, verbose=0) as w:
+        for i in range(7):
+            w.write({"__key__": f"k{i}", "jpg": img_bytes(), "txt": "x"})
+    assert make_shards.main(["index", str(d)]) == 0
+    assert json.loads((d / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1}
