@@ -65,6 +65,25 @@ def peer(shards, image_size, batch, workers, max_batches):
     return seen / (time.perf_counter() - t0)
 
 
+def _serve(shard_dir: str):
+    """(process, URL of shard_dir) for a python -m http.server serving its parent on 127.0.0.1."""
+    import socket
+    import subprocess
+    d = os.path.abspath(shard_dir.rstrip("/"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             os.path.dirname(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/{os.path.basename(d)}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", default="shards/demo_synth/train")
@@ -72,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-batches", type=int, default=20)
+    ap.add_argument("--http", action="store_true",
+                    help="Also stream the same shards from a local `python -m http.server` (127.0.0.1) and compare "
+                         "with local disk.")
     ap.add_argument("--consumption", type=float, default=None,
                     help="The trainer's samples/s for the same model (from a training log) to compare against.")
     a = ap.parse_args(argv)
@@ -80,8 +102,13 @@ def main(argv=None) -> int:
           f"{a.image_size[0]}x{a.image_size[1]}, batch {a.batch_size}")
     print("| loader | workers | samples/s | ours / peer |")
     print("|---|---|---|---|")
+    server = _serve(a.shards) if a.http else None
     for w in a.workers:
         o = ours(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches)
+        if server is not None:
+            h = ours(server[1], tuple(a.image_size), a.batch_size, w, a.max_batches)
+            print(f"| ours, float batches, streamed over http from 127.0.0.1 | {w} | {h:,.0f} | "
+                  f"{h / o:.2f} of local disk |")
         u = ours(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches, uint8=True)
         p = peer(a.shards, tuple(a.image_size), a.batch_size, w, a.max_batches)
         print(f"| ours, augment in the loader (float batches) | {w} | {o:,.0f} | {o / p:.2f} |")
@@ -100,6 +127,8 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     print(f"| batched augmentation of one uint8 batch on {dev} (--augment-device device) | | "
           f"{(time.perf_counter() - t0) / 5 * 1e3:.1f} ms/batch | |")
+    if server is not None:
+        server[0].terminate()
     if a.consumption:
         print(f"| trainer consumption | | {a.consumption:,.0f} | |")
     return 0
