@@ -357,6 +357,17 @@ class TrainStream(torch.utils.data.IterableDataset):
     def num_workers(self) -> int:
         return max(1, self.cfg.workers)
 
+    def plan_signature(self) -> dict:
+        """What the sample order depends on besides the position: a resume with another plan cannot continue an
+        epoch where it stopped."""
+        return {"seed": self.cfg.seed, "world_size": self.world, "workers": self.cfg.workers,
+                "batch_size": self.cfg.batch_size, "train_data": "::".join(s.spec for s in self.sets),
+                "debiased_sampling": self.cfg.debiased}
+
+    def same_plan(self, saved: dict) -> bool:
+        # checkpoints written before --debiased-sampling existed have no such key: they were not debiased
+        return all(saved.get(k, False if k == "debiased_sampling" else None) == v for k, v in self.plan_signature().items())
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
         if self.cfg.debiased:

@@ -101,19 +101,18 @@ class Hooks:
                                               "step": state.global_step, "keys": keys.tolist()}) + "\n")
             self._keys_file.flush()
 
+    def components(self) -> dict:
+        """The stateful parts a checkpoint collects, by the key they are stored under (the checkpoint format)."""
+        return {"state_dict": unwrap(self.model), "optimizer": self.optimizer, "loss": self.loss_fn,
+                # beside (not inside) state_dict so that open_clip still loads the checkpoint as a plain model
+                "id_head": self.id_head}
+
     def checkpoint(self, state: TrainState) -> dict:
         return {
-            "state_dict": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **{k: c.state_dict() if c is not None else None for k, c in self.components().items()},
             "scaler": None,  # bf16 autocast needs no loss scaler; the slot keeps the format stable
-            "loss": self.loss_fn.state_dict(),
-            # Kept beside (not inside) state_dict so that open_clip still loads the checkpoint as a plain model.
-            "id_head": self.id_head.state_dict() if self.id_head is not None else None,
             "train_state": state.to_dict(),
-            "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": self.args.seed,
-                     "world_size": dist_utils.world_size(), "workers": self.args.workers,
-                     "batch_size": self.args.batch_size, "train_data": self.args.train_data,
-                     "debiased_sampling": self.args.debiased_sampling},
+            "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, **self.stream.plan_signature()},
             "rng": ckpt_lib.rng_state(),
             "model_name": self.args.model,
             "image_size": list(self.args.image_size),
@@ -138,7 +137,8 @@ class Hooks:
             self._keys_file.close()
 
 
-def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState:
+def _resume(args, hooks: Hooks, logger) -> TrainState:
+    """Every component of hooks.components() from the checkpoint, the RNG, the counters and the stream position."""
     if args.resume is None:
         return TrainState()
     if args.resume == "latest":
@@ -151,13 +151,13 @@ def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState
         if not os.path.isfile(args.resume):
             raise ckpt_lib.CheckpointError(f"--resume {args.resume!r} is not a file (use 'latest' or a checkpoint path)")
         ckpt, path = ckpt_lib.load(args.resume), args.resume
-    unwrap(model).load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    loss_fn.load_state_dict(ckpt["loss"])
-    if hooks.id_head is not None:
-        if ckpt.get("id_head") is None:
-            raise ckpt_lib.CheckpointError(f"{path} has no identity head; it was written without --id-loss")
-        hooks.id_head.load_state_dict(ckpt["id_head"])
+    for key, component in hooks.components().items():
+        if component is None:
+            continue
+        if ckpt.get(key) is None:
+            raise ckpt_lib.CheckpointError(f"{path} has no identity head; it was written without --id-loss"
+                                           if key == "id_head" else f"{path} has no {key!r}: not a training checkpoint")
+        component.load_state_dict(ckpt[key])
     ckpt_lib.set_rng_state(ckpt["rng"])
     state = TrainState.from_dict(ckpt["train_state"])
     per_rank = ckpt.get("per_rank_counts") or []
@@ -167,12 +167,7 @@ def _resume(args, hooks: Hooks, model, optimizer, loss_fn, logger) -> TrainState
         state.bad_samples = Counter(mine["bad"])
         state.source_counts = Counter({int(k): v for k, v in mine["sources"].items()})
     data = ckpt["data"]
-    # (checkpoints written before --debiased-sampling existed have no such key: they were not debiased)
-    same_plan = all(data.get(k, False if k == "debiased_sampling" else None) == v for k, v in (("seed", args.seed), ("world_size", dist_utils.world_size()),
-                                                  ("workers", args.workers), ("batch_size", args.batch_size),
-                                                  ("train_data", args.train_data),
-                                                  ("debiased_sampling", args.debiased_sampling)))
-    if not same_plan and state.batch_in_epoch:
+    if not hooks.stream.same_plan(data) and state.batch_in_epoch:
         logger.warning(f"{path} was written with another data plan ({data}); the order of the rest of epoch "
                        f"{state.epoch} cannot be reproduced, so it restarts at its first batch")
         state.batch_in_epoch = 0
@@ -262,7 +257,7 @@ def _train(args, denv) -> int:
                          decoder, tokenizer, denv.rank, denv.world_size)
     hooks = Hooks(args, run_dir, logger, model, optimizer, loss_fn, stream, id_head)
     try:
-        state = _resume(args, hooks, model, optimizer, loss_fn, logger)
+        state = _resume(args, hooks, logger)
     except ckpt_lib.CheckpointError as e:
         raise SystemExit(f"error: {e}")
 
@@ -284,7 +279,7 @@ def _train(args, denv) -> int:
                 f"{', debiased sampling' if args.debiased_sampling else ''}); {cfg.total_steps} steps in all")
 
     hooks.model = model
-    status = "finished"
+    status, code, error = None, 0, None
     try:
         while state.epoch < args.epochs:
             loss_fn.set_epoch(state.epoch)
@@ -311,23 +306,23 @@ def _train(args, denv) -> int:
             if args.stop_epochs and args.stop_epochs <= state.epoch < args.epochs:
                 status = f"stopped at --stop_epochs {args.stop_epochs}"
                 break
+        status = status or "finished"
     except NonFiniteError as e:
         logger.warning(str(e))
-        status = "stopped: non-finite"
-        _write_summary(run_dir, state, status, denv)
-        hooks.close()
-        logger.close()
-        return 3
+        status, code = "stopped: non-finite", 3
     except DataError as e:
         logger.warning(str(e))
-        _write_summary(run_dir, state, "stopped: data error", denv)
+        status, error = "stopped: data error", e
+    finally:
+        # One close path. The summary is a collective (counts summed over ranks), so it is written only when every
+        # rank knows how the run ended; after an unexpected exception a rank may be gone.
+        if status is not None:
+            _write_summary(run_dir, state, status, denv)
         hooks.close()
         logger.close()
-        raise SystemExit(f"error: {e}")
-    _write_summary(run_dir, state, status, denv)
-    hooks.close()
-    logger.close()
-    return 0
+    if error is not None:
+        raise SystemExit(f"error: {error}")
+    return code
 
 
 def _reference_model(args, student, run_dir, logger, denv):
