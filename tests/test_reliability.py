@@ -84,6 +84,7 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
         def log_keys(self, *a): pass
         def warn(self, m): warnings.append(m)
         def save(self, state): saved.append(state.global_step)
+        def stop_requested(self): return False
 
     state = TrainState()
     with pytest.raises(NonFiniteError, match="3 consecutive non-finite"):

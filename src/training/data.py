@@ -503,6 +503,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 def build_train_loader(stream: TrainStream, pin_memory: bool) -> torch.utils.data.DataLoader:
     W = stream.cfg.workers
+    from training.stop import ignore_in_worker
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=W, pin_memory=pin_memory,
-        persistent_workers=False, prefetch_factor=4 if W > 0 else None)
+        persistent_workers=False, prefetch_factor=4 if W > 0 else None,
+        worker_init_fn=ignore_in_worker if W > 0 else None)

@@ -14,6 +14,7 @@ import torch
 
 from training import checkpoint as ckpt_lib
 from training import distributed as dist_utils
+from training import stop
 from training.data import DataError, LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets
 from training.logger import RunLogger
 from training.objective import IdLossConfig, Objective, TrainModule
@@ -46,26 +47,100 @@ def _settings(args) -> dict:
     return d
 
 
+def _holds_a_run(run_dir: str) -> str | None:
+    """What makes ``run_dir`` a run of its own (a checkpoint or logged steps); a failed start leaves neither."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(n.endswith(".pt") for n in os.listdir(ckpt_dir)):
+        return "checkpoints"
+    log = os.path.join(run_dir, "train_log.jsonl")
+    if os.path.isfile(log) and os.path.getsize(log) > 0:
+        return "logged training steps"
+    return None
+
+
+_RUN_LOCK = None  # the open lock file of this process's run folder (released by the OS when the process ends)
+
+
+def _lock_run(run_dir: str) -> str | None:
+    """An exclusive flock on RUN/.lock: two live processes (a re-queued job while the old one still runs, two
+    launches with one --name) never write one run. None when taken, else the problem."""
+    global _RUN_LOCK
+    import fcntl
+    f = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        return (f"another live process (pid {holder}) is writing {run_dir}; wait for it or stop it, or choose "
+                f"another --name")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}@{os.uname().nodename}")
+    f.flush()
+    _RUN_LOCK = f
+    return None
+
+
+def _unlock_run() -> None:
+    global _RUN_LOCK
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.close()  # closing the file releases the flock
+        _RUN_LOCK = None
+
+
 def _prepare_run_dir(args) -> str:
     if args.name is None:
         args.name = time.strftime("run-%Y%m%d-%H%M%S")
         args.name = dist_utils.broadcast_object(args.name)
     run_dir = os.path.join(args.logs, args.name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
+    problem = None
     if dist_utils.is_main():
-        try:
-            os.makedirs(ckpt_dir, exist_ok=True)
-            probe = os.path.join(ckpt_dir, f".write_probe.{os.getpid()}")
-            with open(probe, "wb") as f:
-                f.write(b"x")
-                f.flush()
-                os.fsync(f.fileno())
-            os.remove(probe)
-        except OSError as e:
-            raise SystemExit(f"error: the log folder {ckpt_dir!r} is not writable ({e.strerror}); "
-                             f"choose another --logs or free space before training")
-    dist_utils.barrier()
+        held = _holds_a_run(run_dir) if os.path.isdir(run_dir) else None
+        if held and args.resume is None:
+            # open_clip's rule: an experiment name is not reused by accident (a second run would overwrite the
+            # first one's checkpoints and mix its logs)
+            problem = (f"--name {args.name}: {run_dir} already holds a run ({held}); continue it with --resume "
+                       f"latest, or choose another --name")
+        else:
+            try:
+                os.makedirs(ckpt_dir, exist_ok=True)
+                probe = os.path.join(ckpt_dir, f".write_probe.{os.getpid()}")
+                with open(probe, "wb") as f:
+                    f.write(b"x")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.remove(probe)
+                problem = _lock_run(run_dir)
+            except OSError as e:
+                problem = (f"the log folder {ckpt_dir!r} is not writable ({e.strerror}); choose another --logs or "
+                           f"free space before training")
+    problem = dist_utils.broadcast_object(problem)  # every rank stops, none waits in a barrier for rank 0
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
+    args.run_dir = run_dir
     return run_dir
+
+
+def _record_fatal(args, message: str) -> None:
+    """A run that ends in an error says so in its own folder: the message (or traceback) at the end of out.log and
+    in summary.json. Only once the folder is this run's (not for a refused name or a held lock)."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or not dist_utils.is_main():
+        return
+    try:
+        with open(os.path.join(run_dir, "out.log"), "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | FATAL {message.rstrip()}\n")
+        path = os.path.join(run_dir, "summary.json")
+        summary = json.load(open(path)) if os.path.isfile(path) else {}
+        summary.setdefault("status", "failed")
+        summary["error"] = message.rstrip().splitlines()[-1]
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+    except (OSError, ValueError):
+        pass  # the folder itself may be the problem; the error still reaches the terminal
 
 
 class Hooks:
@@ -132,6 +207,10 @@ class Hooks:
                 ckpt_lib.atomic_save(obj, os.path.join(self.ckpt_dir, f"epoch_{epoch_file}.pt"))
         dist_utils.barrier()
 
+    def stop_requested(self) -> bool:
+        """True on every rank at the same step once any rank got SIGTERM/SIGINT (one all-reduce per step)."""
+        return stop.agreed()
+
     def close(self) -> None:
         if self._keys_file is not None:
             self._keys_file.close()
@@ -179,9 +258,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     denv = dist_utils.init_distributed(args.device)
     torch.manual_seed(rng_seed(Stream.MODEL_INIT, args.seed))  # a model built from scratch draws from here
+    stop.install()
     try:
         return _train(args, denv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            _record_fatal(args, e.code)
+        raise
+    except Exception:
+        import traceback
+        _record_fatal(args, traceback.format_exc())
+        raise
     finally:
+        stop.uninstall()
+        _unlock_run()
         dist_utils.destroy_distributed()
 
 
@@ -292,7 +382,10 @@ def _train(args, denv) -> int:
             go_on = train_one_epoch(train_model, objective, optimizer, loader, state, cfg, hooks)
             if not go_on:
                 hooks.save(state)
-                status = "stopped at --max-steps"
+                status = f"stopped by {stop.requested}" if stop.requested else "stopped at --max-steps"
+                if stop.requested:
+                    logger.info(f"{stop.requested}: stopped after step {state.global_step}, latest.pt written; "
+                                f"continue with --resume latest")
                 break
             state.epoch += 1
             state.batch_in_epoch = 0

@@ -89,7 +89,7 @@ def _memory(device: torch.device) -> dict:
 
 def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg, hooks) -> bool:
     """Consume the rest of the epoch ``state.epoch``. ``hooks`` provides log(step, values), save(state),
-    log_keys(state, keys) and stop_requested(). Returns False when training must stop (max steps)."""
+    log_keys(state, keys) and stop_requested(). Returns False when training must stop (max steps, or a stop signal)."""
     device = dist_utils.env().device
     total_steps = cfg.total_steps
     model.train()
@@ -146,6 +146,8 @@ def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg,
         if cfg.save_every and state.global_step % cfg.save_every == 0 and state.batch_in_epoch < cfg.batches_per_epoch:
             hooks.save(state)
         if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
+            return False
+        if hooks.stop_requested():  # SIGTERM/SIGINT: finish the step, then the caller writes latest.pt
             return False
         t_data = time.perf_counter()
     return True

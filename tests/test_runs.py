@@ -1,0 +1,111 @@
+"""Run folders: a reused --name is refused, two live processes never write one run, fatal errors are recorded in the
+run's own folder, and SIGTERM (pre-emption) under 2-process torchrun stops cleanly and resumes bit-identically."""
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard_fixtures import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "src" / "training" / "main.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(str(tmp_path_factory.mktemp("runs")), num_ids=16, shard_size=16)
+
+
+def _common(shards, logs, name, *extra):
+    return ["--train-data", shards["dir"], "--model", "PersonTiny", "--batch-size", "8", "--workers", "0",
+            "--epochs", "1", "--logs-dir", str(logs), "--name", name, "--warmup", "1", "--loss", "fastclip-v3",
+            *map(str, extra)]
+
+
+def _hashes(d):
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_reused_name_is_refused_and_the_old_run_is_untouched(shards, tmp_path, capsys):
+    from training.main import main
+
+    assert main(_common(shards, tmp_path, "r1", "--max-steps", 2)) == 0
+    before = _hashes(tmp_path / "r1")
+    with pytest.raises(SystemExit, match="already holds a run .*--resume latest"):
+        main(_common(shards, tmp_path, "r1"))
+    assert _hashes(tmp_path / "r1") == before
+    assert main(_common(shards, tmp_path, "r1", "--resume", "latest")) == 0  # continuing it is allowed
+
+
+def test_two_live_processes_never_write_one_run(shards, tmp_path):
+    from training.main import main
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:  # another process's lock (a separate open file: flock conflicts)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242@elsewhere")
+        held.flush()
+        with pytest.raises(SystemExit, match=r"another live process \(pid 4242@elsewhere\) is writing"):
+            main(_common(shards, tmp_path, "busy"))
+    assert main(_common(shards, tmp_path, "busy", "--max-steps", 1)) == 0  # released: the run starts
+
+
+def test_a_fatal_error_is_recorded_in_the_run_and_a_failed_start_keeps_the_name_free(shards, tmp_path):
+    from training.main import main
+
+    with pytest.raises(SystemExit, match="--val-data"):
+        main(_common(shards, tmp_path, "bad", "--val-data", str(tmp_path / "nowhere")))
+    log = (tmp_path / "bad" / "out.log").read_text()
+    assert "FATAL error: --val-data" in log
+    summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "--val-data" in summary["error"]
+    assert main(_common(shards, tmp_path, "bad", "--max-steps", 1)) == 0  # nothing trained: the name is free
+
+
+def _final(run):
+    return torch.load(run / "checkpoints" / "epoch_3.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_and_resumes_bit_identically(shards, tmp_path):
+    args = ["--train-data", shards["dir"], "--model", "PersonTiny", "--batch-size", "4", "--workers", "1",
+            "--epochs", "3", "--logs-dir", str(tmp_path), "--warmup", "1", "--loss", "fastclip-v3",
+            "--log-every-n-steps", "1", "--seed", "5"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAIN]
+    r = subprocess.run(run + args + ["--name", "full"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(run + args + ["--name", "term"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "term" / "train_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and sum(1 for _ in open(log)) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(signal.SIGTERM)  # to the torchrun agent, which passes it to both workers
+    out, _ = proc.communicate(timeout=240)
+    summary = json.loads((tmp_path / "term" / "summary.json").read_text())
+    assert summary["status"] == "stopped by SIGTERM", out[-3000:]
+    saved = torch.load(tmp_path / "term" / "checkpoints" / "latest.pt", weights_only=True)
+    assert 3 <= saved["step"] < 24  # stopped mid-run, after a finished step
+    r = subprocess.run(run + args + ["--name", "term", "--resume", "latest"], env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _final(tmp_path / "full"), _final(tmp_path / "term")
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
+    for k, v in a["loss"].items():
+        if torch.is_tensor(v):
+            torch.testing.assert_close(b["loss"][k], v, atol=0, rtol=0, msg=k)
