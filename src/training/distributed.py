@@ -47,9 +47,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
     cuda, gloo for cpu) so the 2-process CPU tests run with gloo.
     """
     global _ENV
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank, init_method = launcher_env(os.environ)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -60,12 +58,55 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         store = _attempt_store(world_size)
-        if store is None:
+        if init_method is not None:  # srun: the rendezvous address comes from the SLURM allocation
+            dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+        elif store is None:
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
         else:
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     _ENV = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
     return _ENV
+
+
+def launcher_env(env) -> tuple[int, int, int, str | None]:
+    """(rank, world size, local rank, init_method) of this process, from torchrun's variables or from srun's.
+
+    torchrun sets WORLD_SIZE/RANK/LOCAL_RANK. ``srun python src/training/main.py`` (the official FastCLIP launch; one
+    task per GPU) sets SLURM_NTASKS/SLURM_PROCID/SLURM_LOCALID inside a job step (SLURM_STEP_ID): the tasks then form
+    one world, meeting at MASTER_ADDR:MASTER_PORT when given, else at the first node of the allocation and a port
+    derived from the job id. A plain ``python`` in an sbatch script (no srun step) is one process. Launches that
+    would form several worlds in one run folder (srun starting N tasks that each run their own torchrun with a world
+    smaller than N) are refused."""
+    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    in_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
+    if "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        if in_step and ntasks > world:
+            raise SystemExit(f"error: srun started {ntasks} tasks but torchrun formed a world of {world} in each: "
+                             f"they would train {ntasks} separate runs into one folder. Launch with srun alone (one "
+                             f"task per GPU), or one torchrun per node (srun --ntasks-per-node=1) with --nnodes")
+        return int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")), None
+    if in_step and ntasks > 1:
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        if not addr:
+            raise SystemExit("error: srun with several tasks but no MASTER_ADDR and no SLURM_JOB_NODELIST to take the "
+                             "first node from; export MASTER_ADDR")
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+        return (int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", "0")), f"tcp://{addr}:{port}")
+    return 0, 1, 0, None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,07],cpu1' -> 'gpu03' (what `scontrol show hostnames` would
+    print first, without needing scontrol)."""
+    import re
+    m = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist or "")
+    if not m:
+        return ""
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
 
 
 def _attempt_store(world_size: int):

@@ -14,7 +14,7 @@ import torch
 
 from training import checkpoint as ckpt_lib
 from training import distributed as dist_utils
-from training import stop
+from training import runlock, stop
 from training.data import DataError, LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets
 from training.logger import RunLogger
 from training.objective import IdLossConfig, Objective, TrainModule
@@ -58,38 +58,6 @@ def _holds_a_run(run_dir: str) -> str | None:
     return None
 
 
-_RUN_LOCK = None  # the open lock file of this process's run folder (released by the OS when the process ends)
-
-
-def _lock_run(run_dir: str) -> str | None:
-    """An exclusive flock on RUN/.lock: two live processes (a re-queued job while the old one still runs, two
-    launches with one --name) never write one run. None when taken, else the problem."""
-    global _RUN_LOCK
-    import fcntl
-    f = open(os.path.join(run_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        return (f"another live process (pid {holder}) is writing {run_dir}; wait for it or stop it, or choose "
-                f"another --name")
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}@{os.uname().nodename}")
-    f.flush()
-    _RUN_LOCK = f
-    return None
-
-
-def _unlock_run() -> None:
-    global _RUN_LOCK
-    if _RUN_LOCK is not None:
-        _RUN_LOCK.close()  # closing the file releases the flock
-        _RUN_LOCK = None
-
-
 def _prepare_run_dir(args) -> str:
     if args.name is None:
         args.name = time.strftime("run-%Y%m%d-%H%M%S")
@@ -113,7 +81,7 @@ def _prepare_run_dir(args) -> str:
                     f.flush()
                     os.fsync(f.fileno())
                 os.remove(probe)
-                problem = _lock_run(run_dir)
+                problem = runlock.acquire(run_dir)
             except OSError as e:
                 problem = (f"the log folder {ckpt_dir!r} is not writable ({e.strerror}); choose another --logs or "
                            f"free space before training")
@@ -271,7 +239,7 @@ def main(argv=None) -> int:
         raise
     finally:
         stop.uninstall()
-        _unlock_run()
+        runlock.release()
         dist_utils.destroy_distributed()
 
 
@@ -404,8 +372,12 @@ def _train(args, denv) -> int:
         logger.warning(str(e))
         status, code = "stopped: non-finite", 3
     except DataError as e:
-        logger.warning(str(e))
-        status, error = "stopped: data error", e
+        # raised in a loader worker, the message carries the worker's traceback: the last line is ours
+        error = str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1] if "Original Traceback" in str(e) \
+            else str(e)
+        logger.warning(error)
+        status = "stopped: data error"  # the message, not the exception: its traceback holds the
+        # loader iterator, whose workers must be shut down when the except block ends
     finally:
         # One close path. The summary is a collective (counts summed over ranks), so it is written only when every
         # rank knows how the run ended; after an unexpected exception a rank may be gone.

@@ -24,9 +24,30 @@ def _handler(signum, frame):
     requested = signal.Signals(signum).name
 
 
+_atexit_registered = False
+
+
+def _kill_leftover_workers() -> None:
+    """Loader workers ignore SIGTERM, and multiprocessing's own exit handler ends daemonic children with SIGTERM
+    and then waits for them: after an exception whose traceback still holds a loader iterator, that would wait for
+    ever. This handler (registered later, so it runs first) kills what is left."""
+    import multiprocessing as mp
+    # torch's SIGCHLD handler would raise in the middle of this on the first killed worker
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = mp.active_children()
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join(timeout=5)
+
+
 def install() -> None:
-    global requested
+    global requested, _atexit_registered
     requested = None
+    if not _atexit_registered:
+        import atexit
+        atexit.register(_kill_leftover_workers)
+        _atexit_registered = True
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             _previous[sig] = signal.signal(sig, _handler)
@@ -56,6 +77,8 @@ def agreed() -> bool:
 
 
 def ignore_in_worker(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: the main process decides when workers end."""
+    """DataLoader worker_init_fn: the main process decides when workers end (and they hold no run lock)."""
+    from training import runlock
+    runlock.close_in_child()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

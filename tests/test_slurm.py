@@ -1,0 +1,66 @@
+"""srun launches: the SLURM variables form one world (a simulated 2-task srun on 127.0.0.1 trains exactly like
+torchrun with 2 processes), node lists give the rendezvous host, and launches that would form separate worlds are
+refused."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard_fixtures import write_shards
+from training.distributed import first_host, launcher_env
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "src" / "training" / "main.py")
+ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "WORLD_SIZE", "RANK",
+                                                                   "LOCAL_RANK"))}
+ENV.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[03-05,07],cpu1", "gpu03"), ("node7", "node7"),
+                                             ("a-b-[1-2]", "a-b-1"), ("n[010,012]", "n010"), ("", "")])
+def test_first_host_of_a_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_launcher_env_rules():
+    step = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    assert launcher_env(step) == (2, 4, 0, "tcp://gpu07:24321")
+    assert launcher_env({**step, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})[3] == "tcp://10.0.0.1:1234"
+    # the batch script itself (no srun step): one process, whatever --ntasks the allocation has
+    assert launcher_env({k: v for k, v in step.items() if k != "SLURM_STEP_ID"}) == (0, 1, 0, None)
+    # torchrun inside srun, one task per node: torchrun's world governs
+    assert launcher_env({**step, "SLURM_NTASKS": "2", "WORLD_SIZE": "16", "RANK": "9", "LOCAL_RANK": "1"}) == \
+        (9, 16, 1, None)
+    with pytest.raises(SystemExit, match="srun started 4 tasks but torchrun formed a world of 1"):
+        launcher_env({**step, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
+
+
+@pytest.mark.slow
+def test_simulated_two_task_srun_trains_like_torchrun(tmp_path):
+    shards = write_shards(str(tmp_path / "d"), num_ids=8, shard_size=8)
+    args = ["--train-data", shards["dir"], "--model", "PersonTiny", "--batch-size", "4", "--workers", "0",
+            "--epochs", "1", "--logs-dir", str(tmp_path), "--warmup", "1", "--loss", "fastclip-v3", "--seed", "4"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAIN,
+                        *args, "--name", "torchrun"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, MAIN, *args, "--name", "srun"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**ENV, "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+                                   "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "localhost",
+                                   "MASTER_PORT": str(port)})
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "| world 2 |" in outs[0]
+    a = torch.load(tmp_path / "torchrun" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    b = torch.load(tmp_path / "srun" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
