@@ -140,8 +140,16 @@ def _run(args, command, drops) -> int:
             raise PrepError(f"--images {args.images}: no such directory (nothing in {args.output} was changed)")
         loader = FileImageLoader(fs, root, args.max_side, args.alpha_background)
     if not entries:
+        example = ""
+        if drops.records:  # name the field: a wrong source type shows up as the same field missing everywhere
+            from collections import Counter
+            (reason, field), _ = Counter((r["reason"], r["field"]) for r in drops.records).most_common(1)[0]
+            first = next(r for r in drops.records if (r["reason"], r["field"]) == (reason, field))
+            example = (f"; most often {reason} of field '{field}' (first: record {first['record']}"
+                       f"{', ' + first['detail'] if first['detail'] else ''}). Is {args.source!r} the right "
+                       f"source type for this file? --drops-file lists every record")
         raise PrepError(f"{getattr(args, 'annotations', args.source)}: no usable records "
-                        f"(dropped: {drops.as_dict()})")
+                        f"(dropped: {drops.as_dict()}){example}")
     opts = {k: v for k, v in vars(args).items()}
     progress = not args.no_progress and sys.stderr.isatty()
     manifest = write_dataset(args.output, entries, loader, drops, opts, command, progress)

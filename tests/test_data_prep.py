@@ -620,3 +620,12 @@ def test_index_writes_sizes_for_foreign_shards(tmp_path, capsys):
             w.write({"__key__": f"k{i}", "jpg": img_bytes(), "txt": "x"})
     assert make_shards.main(["index", str(d)]) == 0
     assert json.loads((d / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1}
+
+
+def test_a_wrong_source_type_names_the_missing_field(tmp_path, capsys):
+    recs = [{"id": 1, "img_path": "a.jpg", "captions": ["x"], "split": "train"}]  # an RSTPReid record
+    ann = write_json(tmp_path / "r.json", recs)
+    (tmp_path / "imgs").mkdir()
+    assert run(["cuhkpedes", "--annotations", ann, "--images", tmp_path / "imgs", "-o", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err
+    assert "missing_field of field 'file_path'" in err and "right source type" in err

@@ -51,7 +51,8 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        dev = torch.device("cuda", local_rank)
+        # srun --gpus-per-task 1 leaves each task one visible GPU (cuda:0) whatever its local rank
+        dev = torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device)
