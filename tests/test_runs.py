@@ -109,3 +109,27 @@ def test_sigterm_under_torchrun_saves_and_resumes_bit_identically(shards, tmp_pa
     for k, v in a["loss"].items():
         if torch.is_tensor(v):
             torch.testing.assert_close(b["loss"][k], v, atol=0, rtol=0, msg=k)
+
+
+def test_keep_last_k_and_weights_only_epoch_files_still_evaluate_and_resume(shards, tmp_path):
+    from evaluation.evaluate import load_model
+    from training.main import main
+
+    common = _common(shards, tmp_path, "k", "--keep-last-k", 2, "--epoch-weights-only")
+    common[common.index("--epochs") + 1] = "3"
+    assert main(common) == 0
+    ck = tmp_path / "k" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("epoch_*.pt")) == ["epoch_2.pt", "epoch_3.pt"]
+    small = torch.load(ck / "epoch_3.pt", weights_only=True)
+    full = torch.load(ck / "latest.pt", weights_only=True)
+    assert "optimizer" not in small and "loss" not in small and small["epoch"] == 3
+    assert (ck / "epoch_3.pt").stat().st_size < (ck / "latest.pt").stat().st_size / 2
+    model = load_model("PersonTiny", str(ck / "epoch_3.pt"), (64, 32), "cpu")
+    for k, v in full["state_dict"].items():
+        torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0)
+    # resume takes only checkpoints that can resume: past weights-only epoch files
+    from training import checkpoint as ckpt_lib
+    assert ckpt_lib.load_latest(str(ck))[1].endswith("latest.pt")
+    (ck / "latest.pt").unlink()
+    (ck / "latest_prev.pt").unlink(missing_ok=True)
+    assert ckpt_lib.load_latest(str(ck)) is None

@@ -65,13 +65,34 @@ def candidates(ckpt_dir: str) -> list[str]:
 
 
 def load_latest(ckpt_dir: str, warn=print) -> tuple[dict, str] | None:
-    """The newest readable checkpoint; a corrupt one is reported and the previous one used."""
+    """The newest readable checkpoint that can resume; a corrupt one is reported and the previous one used."""
     for path in candidates(ckpt_dir):
         try:
-            return load(path), path
+            ckpt = load(path)
         except CheckpointError as e:
             warn(f"WARNING: {e}; trying an older checkpoint")
+            continue
+        if "train_state" in ckpt:  # weights-only epoch files cannot resume
+            return ckpt, path
     return None
+
+
+EVAL_KEYS = ("state_dict", "id_head", "model_name", "image_size", "epoch", "step")
+
+
+def weights_only(ckpt: dict) -> dict:
+    """What evaluation and export read, without optimizer, loss state, RNG and counters."""
+    return {k: ckpt[k] for k in EVAL_KEYS if k in ckpt}
+
+
+def keep_last_epochs(ckpt_dir: str, k: int) -> list[str]:
+    """Delete all but the k newest epoch_N.pt files; returns what was deleted."""
+    epochs = sorted((int(n[6:-3]), n) for n in os.listdir(ckpt_dir)
+                    if n.startswith("epoch_") and n.endswith(".pt") and n[6:-3].isdigit())
+    gone = [n for _, n in epochs[:-k]] if k > 0 else []
+    for n in gone:
+        os.remove(os.path.join(ckpt_dir, n))
+    return gone
 
 
 def save_latest(obj: dict, ckpt_dir: str) -> str:

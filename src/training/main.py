@@ -172,7 +172,11 @@ class Hooks:
             obj["per_rank_counts"] = per_rank
             ckpt_lib.save_latest(obj, self.ckpt_dir)
             if epoch_file is not None:
+                if self.args.epoch_weights_only:
+                    obj = ckpt_lib.weights_only(obj)
                 ckpt_lib.atomic_save(obj, os.path.join(self.ckpt_dir, f"epoch_{epoch_file}.pt"))
+                if self.args.keep_last_k:
+                    ckpt_lib.keep_last_epochs(self.ckpt_dir, self.args.keep_last_k)
         dist_utils.barrier()
 
     def stop_requested(self) -> bool:
