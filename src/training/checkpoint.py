@@ -72,7 +72,7 @@ def load_latest(ckpt_dir: str, warn=print) -> tuple[dict, str] | None:
         except CheckpointError as e:
             warn(f"WARNING: {e}; trying an older checkpoint")
             continue
-        if "train_state" in ckpt:  # weights-only epoch files cannot resume
+        if not ckpt.get("weights_only"):  # weights-only epoch files cannot resume
             return ckpt, path
     return None
 
@@ -82,7 +82,7 @@ EVAL_KEYS = ("state_dict", "id_head", "model_name", "image_size", "epoch", "step
 
 def weights_only(ckpt: dict) -> dict:
     """What evaluation and export read, without optimizer, loss state, RNG and counters."""
-    return {k: ckpt[k] for k in EVAL_KEYS if k in ckpt}
+    return {**{k: ckpt[k] for k in EVAL_KEYS if k in ckpt}, "weights_only": True}
 
 
 def keep_last_epochs(ckpt_dir: str, k: int) -> list[str]:
