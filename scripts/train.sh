@@ -6,8 +6,10 @@
 # Environment: EFFECTIVE_BATCH_SIZE (required), NPROC (processes per node; default: the number of CUDA_VISIBLE_DEVICES,
 # else the GPUs nvidia-smi lists, else 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500;
 # single-node runs without it pick a free port), MAX_RESTARTS (0: torchrun restarts the job this often, and the
-# trainer resumes from latest.pt when --resume latest is passed), ACCUM_FREQ (1: each process's batch is split into this
-# many DGA chunks, same gradient as one pass, memory of one chunk), DRY_RUN=1 prints the command instead of running it.
+# trainer resumes from latest.pt when --resume latest is passed), ACCUM_FREQ (1; open_clip's meaning: each process's
+# share of the effective batch is taken as this many micro-batches, the trainer's --batch-size being one micro-batch;
+# DGA keeps the gradient that of one pass over the whole batch, memory of one micro-batch), DRY_RUN=1 prints the
+# command instead of running it.
 # Every other argument is passed to the trainer unchanged; --batch-size is computed here and may not be given.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,7 +53,9 @@ per=$((EFFECTIVE_BATCH_SIZE / world))
 
 accum="${ACCUM_FREQ:-1}"
 is_int "$accum" && [ "$accum" -ge 1 ] || die "ACCUM_FREQ='$accum' must be a whole number >= 1"
-[ "$accum" -le "$per" ] || die "ACCUM_FREQ=$accum is more chunks than the $per samples per process"
+# open_clip's meaning: each process steps on ACCUM_FREQ micro-batches of --batch-size (DGA keeps the gradient exact)
+micro=$((per / accum))
+[ "$micro" -ge 1 ] && [ $((micro * accum)) -eq "$per" ] || die "ACCUM_FREQ=$accum does not divide the $per samples per process into whole micro-batches; use a divisor of $per"
 
 # Static rendezvous (explicit address and port, a free one on a single node) rather than --standalone: one code path
 # for one and several nodes. Restarts (MAX_RESTARTS > 0) work with both; see training/distributed.py for why the
@@ -66,8 +70,8 @@ if [ -z "$port" ]; then
 fi
 launch=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" --max-restarts "${MAX_RESTARTS:-0}"
         --node_rank "$node_rank" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port")
-cmd=("${launch[@]}" "$root/src/training/main.py" --batch-size "$per" --accum-freq "$accum" ${args[@]+"${args[@]}"})
-echo "train.sh: $world process(es) x batch $per = effective batch $EFFECTIVE_BATCH_SIZE$([ "$accum" -gt 1 ] && echo " (DGA: $accum chunks of ~$(( (per + accum - 1) / accum )))")" >&2
+cmd=("${launch[@]}" "$root/src/training/main.py" --batch-size "$micro" --accum-freq "$accum" ${args[@]+"${args[@]}"})
+echo "train.sh: $world process(es) x batch $per = effective batch $EFFECTIVE_BATCH_SIZE$([ "$accum" -gt 1 ] && echo " ($accum micro-batches of $micro per process, DGA)")" >&2
 if [ "${DRY_RUN:-0}" = "1" ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0

@@ -60,7 +60,7 @@ for step in range(STEPS):
     batch = {"images": images[lo:hi], "texts": texts[lo:hi], "keys": keys[lo:hi], "pids": keys[lo:hi] // 4}
     set_lr(opt, 1e-3, loss_fn.temperature_lr(1e-3, float(1 / model.logit_scale.exp())))
     reduce_calls.append(0)
-    out = train_step(ddp, objective, opt, batch, env.device, accum_chunks=args.accum_freq)
+    out = train_step(ddp, objective, opt, batch, env.device, accum_chunks=args.accum_chunks)
     assert not out["skipped"], out
 if env.is_main:
     torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict(), "reduce_calls": reduce_calls,

@@ -142,9 +142,15 @@ def test_dga_two_processes_equal_one_pass_with_one_allreduce_per_step(tmp_path):
 def test_accum_freq_flags():
     from training.params import parse_args
     a = parse_args(["--train-data", "x", "--batch-size", "10", "--dga-chunk-size", "4"])
-    assert a.accum_freq == 3
+    assert (a.step_batch_size, a.accum_chunks) == (10, 3)
+    a = parse_args(["--train-data", "x", "--batch-size", "8", "--accum-freq", "2"])  # open_clip's meaning
+    assert (a.step_batch_size, a.accum_chunks) == (16, 2)
+    a = parse_args(["--train-data", "x", "--batch-size", "8", "--dga-chunks", "4"])
+    assert (a.step_batch_size, a.accum_chunks) == (8, 4)
     with pytest.raises(SystemExit):
-        parse_args(["--train-data", "x", "--batch-size", "4", "--accum-freq", "5"])
+        parse_args(["--train-data", "x", "--batch-size", "4", "--dga-chunks", "5"])
+    with pytest.raises(SystemExit):
+        parse_args(["--train-data", "x", "--accum-freq", "2", "--dga-chunks", "2"])
     with pytest.raises(SystemExit):
         parse_args(["--train-data", "x", "--mixup-beta", "1", "--loss", "fastclip-v3"])
 
@@ -269,7 +275,7 @@ def test_debiased_sampling_trains_and_counts_sources(tmp_path):
     b = write_shards(str(tmp_path / "b"), num_ids=16, shard_size=16, seed=1)   # 64 pairs
     run_main("--train-data", f"{a['dir']}::{b['dir']}", "--debiased-sampling", "--model", "PersonTiny",
              "--batch-size", 8, "--workers", 2, "--epochs", 1, "--logs-dir", tmp_path, "--name", "deb",
-             "--log-keys", "--loss", "openclip", "--warmup", 1, "--mixup-beta", "1.0", "--accum-freq", 2)
+             "--log-keys", "--loss", "openclip", "--warmup", 1, "--mixup-beta", "1.0", "--dga-chunks", 2)
     rows = [json.loads(l) for l in open(tmp_path / "deb" / "keys_rank0.jsonl")]
     assert len(rows) == 12
     for r in rows:  # set b's keys are offset by set a's 32 pairs
@@ -293,3 +299,15 @@ def test_blocked_cross_entropy_equals_the_one_matrix_form(soft):
     torch.testing.assert_close(blocked, full, rtol=1e-12, atol=0)
     for x, y in zip(g_blocked, g_full):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)
+
+
+def test_accum_freq_trains_k_micro_batches_per_step(tmp_path):
+    """--accum-freq 2 --batch-size 8: every optimizer step takes 16 pairs per rank (open_clip's meaning)."""
+    from training.main import main
+    shards = write_shards(str(tmp_path / "d"), num_ids=16, shard_size=16)   # 64 pairs
+    assert main(["--train-data", shards["dir"], "--model", "PersonTiny", "--batch-size", "8", "--accum-freq", "2",
+                 "--workers", "0", "--epochs", "1", "--logs-dir", str(tmp_path), "--name", "acc", "--log-keys",
+                 "--loss", "fastclip-v3", "--warmup", "1"]) == 0
+    rows = [json.loads(l) for l in open(tmp_path / "acc" / "keys_rank0.jsonl")]
+    assert [len(r["keys"]) for r in rows] == [16] * 4
+    assert sorted(k for r in rows for k in r["keys"]) == list(range(64))

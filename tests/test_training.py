@@ -241,9 +241,9 @@ def test_train_sh_batch_arithmetic_and_refusals():
                    "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
     assert r.returncode == 0 and "--batch-size 64" in r.stdout and "--node_rank 1" in r.stdout
     r = _train_sh({"EFFECTIVE_BATCH_SIZE": "4096", "NPROC": "2", "ACCUM_FREQ": "8"})
-    assert r.returncode == 0 and "--batch-size 2048 --accum-freq 8" in r.stdout
+    assert r.returncode == 0 and "--batch-size 256 --accum-freq 8" in r.stdout
     r = _train_sh({"EFFECTIVE_BATCH_SIZE": "8", "NPROC": "2", "ACCUM_FREQ": "8"})
-    assert r.returncode == 2 and "more chunks than the 4 samples" in r.stderr
+    assert r.returncode == 2 and "does not divide the 4 samples per process" in r.stderr
     bad = [({"EFFECTIVE_BATCH_SIZE": "100", "NPROC": "3"}, "does not divide"),
            ({"EFFECTIVE_BATCH_SIZE": "2", "NPROC": "4"}, "below 1"),
            ({"EFFECTIVE_BATCH_SIZE": "abc", "NPROC": "1"}, "not a whole number"),

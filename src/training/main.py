@@ -36,7 +36,7 @@ class RunConfig:
         self.seed, self.precision, self.grad_clip_norm = args.seed, args.precision, args.grad_clip_norm
         self.log_every, self.save_every, self.max_steps = args.log_every_n_steps, args.save_every_n_steps, args.max_steps
         self.max_nonfinite_steps = args.max_nonfinite_steps
-        self.accum_chunks, self.mixup_beta = args.accum_freq, args.mixup_beta
+        self.accum_chunks, self.mixup_beta = args.accum_chunks, args.mixup_beta
         self.device_augment = None  # set by _train when --augment-device resolves to 'device'
 
 
@@ -310,7 +310,7 @@ def _train(args, denv) -> int:
     decoder = SampleDecoder(transform=build_transform(args.image_size, train=not args.no_augment, uint8=on_device),
                             clean=clean_caption, caption_key=args.caption_key)
     weights = [float(x) for x in args.train_data_weights.split("::")] if args.train_data_weights else None
-    stream = TrainStream(sets, LoaderConfig(batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+    stream = TrainStream(sets, LoaderConfig(batch_size=args.step_batch_size, workers=args.workers, seed=args.seed,
                                             shuffle_buffer=args.shuffle_buffer,
                                             shard_shuffle=not args.no_shard_shuffle, weights=weights,
                                             num_samples=args.train_num_samples,
@@ -335,9 +335,9 @@ def _train(args, denv) -> int:
         cfg.device_augment = DeviceAugment(args.image_size, train=not args.no_augment)
     logger.info(f"augmentation: {'batched on ' + str(denv.device) if on_device else 'per sample in the loader'}"
                 f"{' (flip, pad-crop, erasing off)' if args.no_augment else ''}")
-    logger.info(f"{stream.n} batches of {args.batch_size} per rank per epoch "
-                f"(global batch {args.batch_size * denv.world_size}"
-                f"{f', DGA in {args.accum_freq} chunks' if args.accum_freq > 1 else ''}"
+    logger.info(f"{stream.n} batches of {args.step_batch_size} per rank per epoch "
+                f"(global batch {args.step_batch_size * denv.world_size}"
+                f"{f', DGA in {args.accum_chunks} chunks' if args.accum_chunks > 1 else ''}"
                 f"{', debiased sampling' if args.debiased_sampling else ''}); {cfg.total_steps} steps in all")
 
     hooks.model = model

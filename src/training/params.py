@@ -78,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--precision", choices=["amp_bf16", "fp32"], default="amp_bf16",
                    help="amp_bf16 autocasts on CUDA; on CPU it falls back to fp32 (CPU bf16 autocast is slow).")
     o.add_argument("--accum-freq", type=int, default=1,
-                   help="Decoupled gradient accumulation (DGA): split each per-rank batch into K chunks, forward them "
-                        "without gradients, take the loss on the whole batch, then re-forward chunk by chunk. Same "
-                        "gradient as one pass over --batch-size, memory of one chunk.")
+                   help="open_clip's meaning: each optimizer step takes K micro-batches of --batch-size per rank "
+                        "(a contrastive batch of K x --batch-size). Done by decoupled gradient accumulation (DGA): "
+                        "forward the chunks without gradients, take the loss on the whole batch, re-forward chunk by "
+                        "chunk; the exact gradient of one pass, the memory of one micro-batch.")
+    o.add_argument("--dga-chunks", type=int, default=None,
+                   help="DGA inside --batch-size: split each per-rank batch into K chunks (same batch and gradient, "
+                        "memory of one chunk). What --accum-freq meant here before it took open_clip's meaning.")
     o.add_argument("--dga-chunk-size", type=int, default=None,
-                   help="Alternative to --accum-freq: chunk size in samples (K = ceil(batch / size)).")
+                   help="Like --dga-chunks, by chunk size in samples (K = ceil(batch / size)).")
     o.add_argument("--mixup-beta", type=float, default=0.0,
                    help="Coin-flip mixup (ZeroVL): alpha ~ Beta(b, b); a fair coin mixes either the images or the "
                         "text token embeddings with the reversed batch; soft targets. 0: off. --loss openclip only.")
@@ -182,14 +186,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("--report-to", f"accepted values: tensorboard, none; got {args.report_to!r}")
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
         fail("--pretrained", f"{args.pretrained!r} is not a file (nothing is downloaded; pass a local weights file)")
-    if args.dga_chunk_size is not None:
+    # per-rank samples per optimizer step, and the DGA chunks they are forwarded in
+    given = [f for f, v in (("--accum-freq", args.accum_freq != 1), ("--dga-chunks", args.dga_chunks is not None),
+                            ("--dga-chunk-size", args.dga_chunk_size is not None)) if v]
+    if len(given) > 1:
+        fail(given[1], f"give one of --accum-freq, --dga-chunks, --dga-chunk-size, not {' and '.join(given)}")
+    args.step_batch_size, args.accum_chunks = args.batch_size, 1
+    if args.accum_freq != 1:
+        if args.accum_freq < 1:
+            fail("--accum-freq", f"must be >= 1, got {args.accum_freq}")
+        args.step_batch_size, args.accum_chunks = args.batch_size * args.accum_freq, args.accum_freq
+    elif args.dga_chunks is not None:
+        if not 1 <= args.dga_chunks <= args.batch_size:
+            fail("--dga-chunks", f"must be in [1, --batch-size={args.batch_size}], got {args.dga_chunks}")
+        args.accum_chunks = args.dga_chunks
+    elif args.dga_chunk_size is not None:
         if args.dga_chunk_size < 1:
             fail("--dga-chunk-size", "must be >= 1")
-        if args.accum_freq != 1:
-            fail("--dga-chunk-size", "give either --accum-freq or --dga-chunk-size, not both")
-        args.accum_freq = -(-args.batch_size // args.dga_chunk_size)
-    if not 1 <= args.accum_freq <= args.batch_size:
-        fail("--accum-freq", f"must be in [1, --batch-size={args.batch_size}], got {args.accum_freq}")
+        args.accum_chunks = -(-args.batch_size // args.dga_chunk_size)
     if args.debiased_sampling and (args.train_data_weights or args.train_num_samples):
         fail("--debiased-sampling", "reads each set once per epoch by size; drop --train-data-weights / "
                                     "--train-num-samples")
