@@ -75,6 +75,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return dict(load_file(path, device="cpu"))
+    from fast_clip.torchscript import TorchScriptError, is_torchscript, read_state_dict
+    if is_torchscript(path):  # OpenAI's ViT-B-16.pt: tensors read without running the archive
+        try:
+            obj = dict(read_state_dict(path))
+        except (TorchScriptError, zipfile.BadZipFile, KeyError, RuntimeError) as e:
+            raise WeightsFileError(f"refusing to load {path!r}: {e}") from e
+        return _drop_openai_scalars(obj)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -90,6 +97,10 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsFileError(f"weights file {path!r} holds no state dict of tensors (found {type(obj).__name__})")
     if next(iter(obj)).startswith("module."):
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    return _drop_openai_scalars(obj)
+
+
+def _drop_openai_scalars(obj: dict) -> dict:
     # OpenAI-format state dicts carry these scalars, which are not parameters of open_clip's CLIP.
     for k in ("input_resolution", "context_length", "vocab_size"):
         obj.pop(k, None)
@@ -129,6 +140,9 @@ def load_pretrained(model, path: str | os.PathLike) -> None:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
     from open_clip.model import resize_text_pos_embed
     resize_text_pos_embed(sd, model)
+    # buffers the model rebuilds itself (open_clip's attn_mask) are in a TorchScript archive's tensors, not its state
+    for name in {n for n, _ in model.named_buffers()} - set(model.state_dict()):
+        sd.pop(name, None)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise WeightsFileError(
