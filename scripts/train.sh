@@ -72,6 +72,13 @@ launch=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$npr
         --node_rank "$node_rank" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port")
 cmd=("${launch[@]}" "$root/src/training/main.py" --batch-size "$micro" --accum-freq "$accum" ${args[@]+"${args[@]}"})
 echo "train.sh: $world process(es) x batch $per = effective batch $EFFECTIVE_BATCH_SIZE$([ "$accum" -gt 1 ] && echo " ($accum micro-batches of $micro per process, DGA)")" >&2
+# Flags and batch arithmetic are checked once here, before torchrun starts N processes that would each print the
+# same error inside torchrun's failure report.
+if ! check="$("$py" "$root/src/training/main.py" --check-args --batch-size "$micro" --accum-freq "$accum" \
+                ${args[@]+"${args[@]}"} 2>&1)"; then
+  echo "$check" | grep -v '^usage:\|^  ' >&2 || true
+  exit 2
+fi
 if [ "${DRY_RUN:-0}" = "1" ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0

@@ -227,7 +227,17 @@ def test_golden_tiny_run_losses(tmp_path, tiny_shards):
 def _train_sh(env_extra, *args):
     env = {k: v for k, v in ENV.items() if k not in ("CUDA_VISIBLE_DEVICES", "NPROC")}
     env.update(env_extra, DRY_RUN="1")
-    return subprocess.run(["bash", str(ROOT / "scripts" / "train.sh"), *args], env=env, capture_output=True, text=True)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "train.sh"), "--train-data", "x", *args], env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_train_sh_checks_flags_once_before_torchrun():
+    for args, needle in ((["--model", "ViT-B-61"], "did you mean ViT-B-16"), (["--lr", "nan"], "--lr: must be a finite"),
+                         (["--device", "gpu"], "invalid choice: 'gpu'")):
+        r = _train_sh({"EFFECTIVE_BATCH_SIZE": "8", "NPROC": "2"}, *args)
+        assert r.returncode == 2 and needle in r.stderr.strip().splitlines()[-1], r.stderr
+        assert "torch.distributed" not in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

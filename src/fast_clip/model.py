@@ -47,7 +47,12 @@ def model_config(name: str) -> dict:
     register_model_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"--model {name!r} is not a known open_clip model; known: {', '.join(list_models())}")
+        import difflib
+        known = list_models()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        raise ValueError(f"--model {name!r} is not a known open_clip model"
+                         + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + f" ({len(known)} known: python -c 'import open_clip; print(open_clip.list_models())')")
     return cfg
 
 

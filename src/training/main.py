@@ -228,6 +228,14 @@ def _resume(args, hooks: Hooks, logger) -> TrainState:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.check_args:
+        from fast_clip.model import model_config
+        try:
+            model_config(args.model)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        print("flags OK")
+        return 0
     denv = dist_utils.init_distributed(args.device)
     torch.manual_seed(rng_seed(Stream.MODEL_INIT, args.seed))  # a model built from scratch draws from here
     stop.install()

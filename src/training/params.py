@@ -7,6 +7,7 @@ over. Everything is validated in :func:`parse_args` before any work starts; an e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -136,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log-every-n-steps", type=int, default=10)
     c.add_argument("--log-keys", action="store_true",
                    help="Write the pair keys of every batch to logs/NAME/keys_rankR.jsonl (audits sample order).")
-    c.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto, cpu or cuda.")
+    c.add_argument("--check-args", action="store_true",
+                   help="Validate the flags (and the model name) and exit: scripts/train.sh runs this once before "
+                        "it starts torchrun, so a typo is one error line, not N processes' reports.")
 
     from fast_clip.losses import add_loss_args
     add_loss_args(p)
@@ -156,8 +160,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("--epochs", f"must be >= 1, got {args.epochs}")
     if args.workers < 0:
         fail("--workers", "must be >= 0")
-    if args.lr <= 0:
-        fail("--lr", "must be > 0")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        fail("--lr", f"must be a finite number > 0, got {args.lr}")
+    for flag in ("wd", "lr_min", "beta1", "beta2", "eps", "grad_clip_norm"):
+        v = getattr(args, flag, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(f"--{flag.replace('_', '-') if flag != 'lr_min' else flag}", f"must be a finite number, got {v}")
     if args.warmup < 0:
         fail("--warmup", "must be >= 0")
     if not 0 <= args.lr_min <= args.lr:
