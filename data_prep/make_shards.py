@@ -152,7 +152,11 @@ def _run(args, command, drops) -> int:
                         f"(dropped: {drops.as_dict()}){example}")
     opts = {k: v for k, v in vars(args).items()}
     progress = not args.no_progress and sys.stderr.isatty()
-    manifest = write_dataset(args.output, entries, loader, drops, opts, command, progress)
+    try:
+        manifest = write_dataset(args.output, entries, loader, drops, opts, command, progress)
+    except OSError as e:  # unwritable or full output: what was there before is untouched (staging is dropped)
+        raise PrepError(f"--output {args.output}: cannot write ({type(e).__name__}: {e.strerror or e}); "
+                        f"nothing there was changed") from e
     print(summary(manifest))
     if drops.total.get("non_utf8_text") and getattr(args, "encoding", "utf-8") == "utf-8":
         print(f"note: {drops.total['non_utf8_text']} caption(s)/field(s) were not UTF-8: if the annotation file is "

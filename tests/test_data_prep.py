@@ -629,3 +629,13 @@ def test_a_wrong_source_type_names_the_missing_field(tmp_path, capsys):
     assert run(["cuhkpedes", "--annotations", ann, "--images", tmp_path / "imgs", "-o", tmp_path / "o"]) == 2
     err = capsys.readouterr().err
     assert "missing_field of field 'file_path'" in err and "right source type" in err
+
+
+def test_unwritable_output_is_one_error_line_and_nothing_changes(cuhk, tmp_path, capsys):
+    ann, imgs, _ = cuhk
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file where a folder is needed")
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", blocker / "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output") and "cannot write" in err and "Traceback" not in err
+    assert blocker.read_text() == "a file where a folder is needed"

@@ -140,3 +140,17 @@ def test_cuda_path_equals_cpu():
     gpu = retrieval_metrics_from_features(q.cuda(), g.cuda(), qids.cuda(), gids.cuda(), chunk_size=64)
     for k, v in cpu.items():
         assert gpu[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+
+
+def test_nan_features_are_an_error_not_numbers():
+    import torch
+    from evaluation.evaluate import EvalError, evaluate_features
+    from evaluation.extract import TestSet
+
+    ts = TestSet(name="t", shards=[], captions=["a", "b"], query_pids=np.array([0, 1]),
+                 query_gallery_index=np.array([0, 1]), gallery_pids=np.array([0, 1]), gallery_images=[b"", b""])
+    img = torch.eye(2)
+    txt = torch.tensor([[1.0, 0.0], [float("nan"), 0.0]])
+    with pytest.raises(EvalError, match="1 of 2 text features are NaN"):
+        evaluate_features(img, txt, ts)
+    assert evaluate_features(img, torch.eye(2), ts)["R1"] == 100.0

@@ -133,3 +133,35 @@ def test_keep_last_k_and_weights_only_epoch_files_still_evaluate_and_resume(shar
     (ck / "latest.pt").unlink()
     (ck / "latest_prev.pt").unlink(missing_ok=True)
     assert ckpt_lib.load_latest(str(ck)) is None
+
+
+@pytest.mark.parametrize("change", [["--loss", "isogclr"], ["--data_size", "500"]])
+def test_resuming_with_other_loss_or_data_size_is_one_error_line(shards, tmp_path, change):
+    from training.main import main
+
+    assert main(_common(shards, tmp_path, "r", "--max-steps", 2)) == 0
+    args = _common(shards, tmp_path, "r", "--resume", "latest")
+    if change[0] == "--loss":
+        args[args.index("--loss") + 1] = change[1]
+    else:
+        args += change
+    with pytest.raises(SystemExit, match=r"does not fit this run .*were --model, --loss, --train-data or --data_size"):
+        main(args)
+
+
+def test_pretrained_of_another_architecture_is_one_error_line(tmp_path, capsys):
+    from evaluation.evaluate import main as eval_main
+    from fast_clip.model import WeightsFileError, create_model
+
+    sd = create_model("PersonTiny").state_dict()
+    sd["positional_embedding"] = torch.zeros(40, 64)  # a text tower of another width
+    torch.save(sd, tmp_path / "other.pt")
+    with pytest.raises(WeightsFileError, match="does not fit model .*is --model the architecture"):
+        create_model("PersonTiny", pretrained=str(tmp_path / "other.pt"))
+    test = write_shards(str(tmp_path / "d"), split="test", num_ids=4, shard_size=8)
+    capsys.readouterr()
+    assert eval_main(["--pretrained", str(tmp_path / "other.pt"), "--model", "PersonTiny", "--data",
+                      test["dir"], "--output", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error:") and "does not fit model" in err
+    assert "Traceback" not in err

@@ -44,6 +44,11 @@ def evaluate_features(image_features: torch.Tensor, text_features: torch.Tensor,
                       chunk_size: int | None = None) -> dict:
     """Metrics of one test set from its features (rows of ``text_features`` = ``ts.captions``, rows of
     ``image_features`` = the gallery)."""
+    for what, f in (("image", image_features), ("text", text_features)):
+        bad = int((~torch.isfinite(f).all(dim=1)).sum())
+        if bad:  # NaN similarities would rank arbitrarily and report numbers that mean nothing
+            raise EvalError(f"test set {ts.name!r}: {bad} of {len(f)} {what} features are NaN or infinite; the "
+                            f"weights are broken (a diverged run?); check the checkpoint's training log")
     dev = text_features.device
     q_ids = torch.as_tensor(ts.query_pids, device=dev)
     g_ids = torch.as_tensor(ts.gallery_pids, device=dev)

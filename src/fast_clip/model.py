@@ -140,11 +140,17 @@ def _resize_visual_pos_embed(state_dict: dict, model) -> None:
 
 def load_pretrained(model, path: str | os.PathLike) -> None:
     sd = load_weights_file(path)
-    _resize_visual_pos_embed(sd, model)
-    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
-        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-    from open_clip.model import resize_text_pos_embed
-    resize_text_pos_embed(sd, model)
+    try:
+        _resize_visual_pos_embed(sd, model)
+        if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+            sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+        from open_clip.model import resize_text_pos_embed
+        resize_text_pos_embed(sd, model)
+    except (IndexError, AssertionError, RuntimeError, ValueError) as e:
+        # open_clip's resizers fail with IndexError / AssertionError on another architecture's tensors
+        raise WeightsFileError(f"weights file {str(path)!r} does not fit model {type(model).__name__} "
+                               f"(position embeddings: {type(e).__name__}: {e}); is --model the architecture this "
+                               f"file was trained with?") from e
     # buffers the model rebuilds itself (open_clip's attn_mask) are in a TorchScript archive's tensors, not its state
     for name in {n for n, _ in model.named_buffers()} - set(model.state_dict()):
         sd.pop(name, None)

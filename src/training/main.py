@@ -208,7 +208,15 @@ def _resume(args, hooks: Hooks, logger) -> TrainState:
         if ckpt.get(key) is None:
             raise ckpt_lib.CheckpointError(f"{path} has no identity head; it was written without --id-loss"
                                            if key == "id_head" else f"{path} has no {key!r}: not a training checkpoint")
-        component.load_state_dict(ckpt[key])
+        try:
+            component.load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()
+            detail = "; ".join(x.strip() for x in first[1:3]) or first[0]
+            raise ckpt_lib.CheckpointError(
+                f"{path}: its {key!r} does not fit this run ({detail}); were --model, --loss, --train-data or "
+                f"--data_size changed since it was written? Resume with the same settings, or start a new --name") \
+                from e
     ckpt_lib.set_rng_state(ckpt["rng"])
     state = TrainState.from_dict(ckpt["train_state"])
     per_rank = ckpt.get("per_rank_counts") or []
