@@ -165,3 +165,28 @@ def test_pretrained_of_another_architecture_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error:") and "does not fit model" in err
     assert "Traceback" not in err
+
+
+def test_load_for_open_clip_gives_the_trained_size_weights_and_preprocessing(shards, tmp_path):
+    import open_clip
+    from PIL import Image
+
+    from fast_clip.model import WeightsFileError, load_for_open_clip
+    from fast_clip.transforms import build_transform
+    from training.main import main
+
+    assert main(_common(shards, tmp_path, "oc", "--max-steps", 2)) == 0
+    path = tmp_path / "oc" / "checkpoints" / "latest.pt"
+    model, preprocess, tokenizer = load_for_open_clip(path)
+    assert isinstance(model, open_clip.CLIP) and not model.training
+    saved = torch.load(path, weights_only=True)
+    for k, v in saved["state_dict"].items():
+        torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0)
+    img = Image.new("RGB", (50, 120), (200, 30, 30))
+    x = preprocess(img)
+    assert x.shape == (3, 64, 32) and torch.equal(x, build_transform((64, 32), train=False)(img))
+    with torch.no_grad():
+        assert model.encode_image(x[None]).shape == (1, 128) and model.encode_text(tokenizer(["a man"])).shape == (1, 128)
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(WeightsFileError, match="not a checkpoint of this trainer"):
+        load_for_open_clip(tmp_path / "plain.pt")

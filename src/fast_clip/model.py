@@ -182,3 +182,24 @@ def create_model(name: str, pretrained: str | None = None, image_size: tuple[int
     if pretrained:
         load_pretrained(model, pretrained)
     return model.to(device)
+
+
+def load_for_open_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model, preprocess, tokenizer) for one of our checkpoints, what open_clip users expect from
+    ``open_clip.create_model_and_transforms``: an open_clip ``CLIP`` built at the image size the run trained at (a
+    square config such as ViT-B-16 trained at 384x128 fails to load into open_clip's default 224x224 model), its
+    weights, and the preprocessing it was trained and evaluated with (resize to HxW, CLIP normalisation). open_clip's
+    own transform keeps the aspect ratio and centre-crops, which moves image embeddings (cosine 0.92-0.99 on our
+    crops), so use this ``preprocess`` with these weights."""
+    from fast_clip.transforms import build_transform
+
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise WeightsFileError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from e
+    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "image_size" not in ckpt:
+        raise WeightsFileError(f"{str(path)!r} is not a checkpoint of this trainer (no model_name / image_size); "
+                               f"for other weights use create_model(name, pretrained=path, image_size=(H, W))")
+    name, size = ckpt["model_name"], tuple(int(x) for x in ckpt["image_size"])
+    model = create_model(name, pretrained=str(path), image_size=size, device=device).eval()
+    return model, build_transform(size, train=False), get_tokenizer(name)
