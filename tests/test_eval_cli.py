@@ -109,8 +109,11 @@ def test_epoch_and_data_options(tiny_run, tmp_path, capsys):
     rc = main([str(run), "--epoch", "1", "--workers", "0", "--examples", "1", "--output", str(tmp_path / "o"),
                "--data", str(test_dir), str(test_dir / "test-{000000..000001}.tar"), f"mylist={lst}"])
     assert rc == 0, capsys.readouterr().err
-    results = json.loads((tmp_path / "o" / "epoch_1.json").read_text())
+    # named by the data it scored (the run's own test split alone keeps epoch_N), which the report records
+    results = json.loads((tmp_path / "o" / "epoch_1_synth+synth_2+mylist.json").read_text())
     assert list(results) == ["synth", "synth_2", "mylist"]
+    assert f"mylist={lst}" in (tmp_path / "o" / "epoch_1_synth+synth_2+mylist.md").read_text()
+    assert "reading test set mylist" in capsys.readouterr().err  # progress while it works
     # Same shards, same model: identical numbers whichever way the shards were named.
     assert results["synth"] == results["synth_2"] == results["mylist"]
 
@@ -125,8 +128,8 @@ def test_pretrained_mode_and_evaluate_model(tiny_run, tmp_path, capsys):
     rc = main(["--pretrained", str(ckpt), "--model", "PersonTiny", "--image-size", "64", "32", "--data", test_dir,
                "--output", str(tmp_path), "--workers", "0"])
     assert rc == 0, capsys.readouterr().err
-    from_cli = json.loads((tmp_path / "epoch_1.json").read_text())["synth"]
-    assert (tmp_path / "epoch_1_examples.png").exists()
+    from_cli = json.loads((tmp_path / "epoch_1_synth.json").read_text())["synth"]
+    assert (tmp_path / "epoch_1_synth_examples.png").exists()
 
     model = tiny_run["model"]
     model.train()
@@ -153,7 +156,9 @@ def _err(argv, capsys) -> str:
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert err.startswith("error: ")
+    lines = err.strip().splitlines()  # progress lines may come first; the error is one line, the last
+    assert lines[-1].startswith("error: ") and sum(ln.startswith("error") for ln in lines) == 1, err
+    assert "Traceback" not in err
     return err
 
 

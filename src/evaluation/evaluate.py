@@ -320,6 +320,10 @@ def resolve_run(run_dir: str, epoch, model, image_size):
     return params, ckpt, epoch, model or params["model"], image_size or params.get("image_size")
 
 
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")
+
+
 def _run(args) -> int:
     from fast_clip.model import default_image_size, get_tokenizer
 
@@ -331,8 +335,10 @@ def _run(args) -> int:
     if args.run_dir:
         params, ckpt, epoch, name, size = resolve_run(args.run_dir, args.epoch, args.model, args.image_size)
         out_dir = args.output or os.path.join(args.run_dir, "eval")
-        tag = f"epoch_{epoch}"
         data = _parse_data(args.data) if args.data else default_datasets(params.get("train_data"))
+        # the default data (the run's own test split) keeps the plain name; other data is named in the file name so
+        # that scoring another split never overwrites the test results
+        tag = f"epoch_{epoch}" + (("_" + _safe("+".join(data))) if args.data else "")
         if not data:
             raise EvalError(f"no test data: {args.run_dir}/params.json train_data={params.get('train_data')!r} has "
                             f"no test/ split next to it; pass --data")
@@ -346,8 +352,8 @@ def _run(args) -> int:
             raise EvalError("--pretrained needs --output DIR")
         ckpt, name, out_dir = args.pretrained, args.model, args.output
         size = args.image_size
-        tag = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(ckpt))[0]) or "pretrained"
         data = _parse_data(args.data)
+        tag = (_safe(os.path.splitext(os.path.basename(ckpt))[0]) or "pretrained") + "_" + _safe("+".join(data))
         header.update(weights=ckpt)
     if not size:
         try:
@@ -360,15 +366,21 @@ def _run(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     header.update(model=name, image_size=f"{size[0]}x{size[1]}", device=str(device),
-                  date=_dt.datetime.now().isoformat(timespec="seconds"))
+                  date=_dt.datetime.now().isoformat(timespec="seconds"),
+                  data="; ".join(f"{n}={spec if isinstance(spec, str) else '::'.join(spec)}" for n, spec in data.items()))
 
     # Read the shards before the model so that bad data fails fast.
-    sets = {n: load_test_set(spec, name=n) for n, spec in data.items()}
+    sets = {}
+    for n, spec in data.items():
+        print(f"reading test set {n} ({spec}) ...", file=sys.stderr, flush=True)
+        sets[n] = load_test_set(spec, name=n)
+        print(f"  {sets[n].num_queries} queries, {sets[n].num_gallery} gallery images", file=sys.stderr, flush=True)
     model = load_model(name, ckpt, size, device)
     tokenizer = get_tokenizer(name)
     transform = default_transform(size)
     results, examples = {}, []
     for n, ts in sets.items():
+        print(f"scoring {n} on {device} ...", file=sys.stderr, flush=True)
         results[n], ex = evaluate_testset(model, tokenizer, transform, ts, device, batch_size=args.batch_size,
                                           num_workers=args.workers, chunk_size=args.chunk_size,
                                           num_examples=args.examples)
