@@ -111,8 +111,11 @@ def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, op
     per_source: dict[str, dict] = {}
     cap_chars = 0
     bar = tqdm(total=len(entries), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
+    log = _ProgressLines(split, len(entries)) if not progress and opts.get("log_progress", True) else None
     for e, (jpg, reason, caps) in zip(entries, workers.map(entries)):
         bar.update(1)
+        if log is not None:
+            log.tick()
         if reason is None and not caps:
             reason = "no_valid_captions"
         if reason is not None:
@@ -147,6 +150,25 @@ def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, op
         "_written": sink.written, "_skipped": sink.skipped, "_mean_caption_chars": cap_chars / max(1, key),
         "_staged": sink.staged,
     }
+
+
+class _ProgressLines:
+    """Without a terminal (a log file, a batch job) a progress bar prints nothing useful: a line every 30 s instead."""
+
+    def __init__(self, split: str, total: int, every_s: float = 30.0):
+        import time
+        self.split, self.total, self.every_s, self.clock = split, total, every_s, time.monotonic
+        self.start = self.last = self.clock()
+        self.done = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        now = self.clock()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"{self.split}: {self.done}/{self.total} images ({rate:.0f}/s, about "
+                  f"{(self.total - self.done) / max(rate, 1e-9):.0f} s left)", file=sys.stderr, flush=True)
 
 
 def commit_split(fs, out_path: str, split: str, info: dict) -> None:

@@ -639,3 +639,16 @@ def test_unwritable_output_is_one_error_line_and_nothing_changes(cuhk, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: --output") and "cannot write" in err and "Traceback" not in err
     assert blocker.read_text() == "a file where a folder is needed"
+
+
+def test_progress_lines_without_a_terminal(capsys):
+    from data_prep.writer import _ProgressLines
+
+    t = iter([0.0, 10.0, 31.0, 40.0, 62.0])
+    p = _ProgressLines("train", 4)
+    p.clock = lambda: next(t)  # start at 0 s, then ticks at 10, 31, 40, 62 s
+    p.start = p.last = p.clock()
+    for _ in range(4):
+        p.tick()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["train: 2/4 images (0/s, about 31 s left)", "train: 4/4 images (0/s, about 0 s left)"]
