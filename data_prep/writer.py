@@ -111,7 +111,7 @@ def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, op
     per_source: dict[str, dict] = {}
     cap_chars = 0
     bar = tqdm(total=len(entries), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
-    log = _ProgressLines(split, len(entries)) if not progress and opts.get("log_progress", True) else None
+    log = _ProgressLines(split, len(entries)) if not progress and not opts.get("no_progress") else None
     for e, (jpg, reason, caps) in zip(entries, workers.map(entries)):
         bar.update(1)
         if log is not None:
