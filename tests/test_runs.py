@@ -190,3 +190,25 @@ def test_load_for_open_clip_gives_the_trained_size_weights_and_preprocessing(sha
     torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")
     with pytest.raises(WeightsFileError, match="not a checkpoint of this trainer"):
         load_for_open_clip(tmp_path / "plain.pt")
+
+
+def test_open_clip_flags_lock_towers_and_map_or_refuse(shards, tmp_path):
+    from fast_clip.model import create_model
+    from training.main import main
+    from training.params import parse_args
+    from training.seeding import Stream, rng_seed
+
+    torch.manual_seed(rng_seed(Stream.MODEL_INIT, 0))  # what main() seeds before it builds the model
+    init = create_model("PersonTiny").state_dict()
+    for flag, frozen, trained in (("--lock-image", "visual.", "transformer."), ("--lock-text", "transformer.",
+                                                                               "visual.")):
+        name = flag.strip("-")
+        assert main(_common(shards, tmp_path, name, flag, "--max-steps", 2)) == 0
+        sd = torch.load(tmp_path / name / "checkpoints" / "latest.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(sd[k], init[k]) for k in sd if k.startswith(frozen))
+        assert any(not torch.equal(sd[k], init[k]) for k in sd if k.startswith(trained))
+    a = parse_args(["--train-data", "x", "--force-image-size", "96", "--precision", "amp_bfloat16"])
+    assert a.image_size == (96, 96) and a.precision == "amp_bf16"
+    for argv, msg in ((["--precision", "amp"], "use amp_bf16"), (["--dataset-resampled"], "--train-data-weights")):
+        with pytest.raises(SystemExit):
+            parse_args(["--train-data", "x", *argv])

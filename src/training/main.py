@@ -303,6 +303,11 @@ def _train(args, denv) -> int:
         raise SystemExit(f"error: {e}")
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if args.lock_image:  # open_clip's own tower locks (after --pretrained, before the optimizer sees the params)
+        model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
+                               freeze_bn_stats=args.lock_image_freeze_bn_stats)
+    if args.lock_text:
+        model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers)  # CLIP's LayerNorms lock with it
     loss_fn = build_loss(args.loss_config, data_size=data_size, device=denv.device)
     if hasattr(loss_fn, "state_summary"):  # the GCL family's per-pair tables
         logger.info(loss_fn.state_summary())

@@ -58,8 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pretrained", default=None, help="Local weights file (open_clip or OpenAI format). Nothing is downloaded.")
     m.add_argument("--image-size", type=_image_size, nargs=2, default=None, metavar=("H", "W"),
                    help="Input size; default 384 128 for square configs, else the config's own size.")
+    m.add_argument("--force-image-size", type=int, nargs="+", default=None, metavar="SIZE",
+                   help="open_clip's name for --image-size: one value (square) or H W.")
     m.add_argument("--grad-checkpointing", action="store_true")
     m.add_argument("--torchcompile", action="store_true")
+    m.add_argument("--lock-image", action="store_true", help="Freeze the image tower (open_clip's flag).")
+    m.add_argument("--lock-image-unlocked-groups", type=int, default=0,
+                   help="With --lock-image: leave the last N layer groups trainable.")
+    m.add_argument("--lock-image-freeze-bn-stats", action="store_true",
+                   help="With --lock-image: freeze BatchNorm running stats (ResNet towers).")
+    m.add_argument("--lock-text", action="store_true", help="Freeze the text tower (open_clip's flag).")
+    m.add_argument("--lock-text-unlocked-layers", type=int, default=0,
+                   help="With --lock-text: leave the last N layers trainable.")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=64, help="Per-rank batch size.")
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--stop_epochs", "--stop-epochs", dest="stop_epochs", type=int, default=None,
                    help="Stop after this many epochs while every schedule still spans --epochs (FastCLIP's flag).")
     o.add_argument("--grad-clip-norm", type=float, default=None)
-    o.add_argument("--precision", choices=["amp_bf16", "fp32"], default="amp_bf16",
+    o.add_argument("--precision", choices=["amp_bf16", "fp32", "amp", "amp_bfloat16"], default="amp_bf16",
                    help="amp_bf16 autocasts on CUDA; on CPU it falls back to fp32 (CPU bf16 autocast is slow).")
     o.add_argument("--accum-freq", type=int, default=1,
                    help="open_clip's meaning: each optimizer step takes K micro-batches of --batch-size per rank "
@@ -93,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "text token embeddings with the reversed batch; soft targets. 0: off. --loss openclip only.")
     o.add_argument("--local-loss", action="store_true",
                    help="Each rank scores its own pairs against all gathered features (gradient through the gather).")
+    o.add_argument("--gather-with-grad", action="store_true",
+                   help="open_clip's flag; always on here: with --local-loss the gather carries the gradient, which is "
+                        "what makes the distributed gradient exact (accepted for ported commands).")
+    o.add_argument("--dataset-resampled", action="store_true", help=argparse.SUPPRESS)
+    o.add_argument("--train-data-upsampling-factors", default=None, help=argparse.SUPPRESS)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimizer steps; the lr schedule still spans --epochs (simulates a pre-emption).")
     o.add_argument("--max-nonfinite-steps", type=int, default=5,
@@ -156,6 +171,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.batch_size < 1:
         fail("--batch-size", f"must be >= 1, got {args.batch_size}")
+    # open_clip's spellings: what maps is mapped, what does not is one line that says what to use
+    if args.precision == "amp_bfloat16":
+        args.precision = "amp_bf16"
+    if args.precision == "amp":
+        fail("--precision", "amp (fp16 autocast with a loss scaler) is not supported: use amp_bf16 (the default; "
+                            "bf16 needs no loss scaler) or fp32")
+    if args.force_image_size is not None:
+        if args.image_size is not None:
+            fail("--force-image-size", "give --image-size or --force-image-size, not both")
+        if len(args.force_image_size) not in (1, 2) or min(args.force_image_size) < 1:
+            fail("--force-image-size", "one size (square) or H W, each >= 1")
+        fs = args.force_image_size
+        args.image_size = (fs[0], fs[0]) if len(fs) == 1 else tuple(fs)
+    if args.dataset_resampled or args.train_data_upsampling_factors is not None:
+        fail("--dataset-resampled" if args.dataset_resampled else "--train-data-upsampling-factors",
+             "not supported: sampling with replacement is --train-data-weights 'W1::W2' (one weight per '::' set, "
+             "with --train-num-samples for the epoch length); without weights every pair is seen once per epoch")
     if args.epochs < 1:
         fail("--epochs", f"must be >= 1, got {args.epochs}")
     if args.workers < 0:
