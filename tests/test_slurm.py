@@ -64,3 +64,30 @@ def test_simulated_two_task_srun_trains_like_torchrun(tmp_path):
     b = torch.load(tmp_path / "srun" / "checkpoints" / "epoch_1.pt", weights_only=True)
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_train_sh_on_localhost_train_like_one_node(tmp_path):
+    """scripts/train.sh with NNODES=2 (NODE_RANK 0 and 1, one process each, 127.0.0.1) forms one world of 2 and ends
+    at the parameters of one node with NPROC=2."""
+    shards = write_shards(str(tmp_path / "d"), num_ids=8, shard_size=8)
+    args = ["--train-data", shards["dir"], "--model", "PersonTiny", "--workers", "0", "--epochs", "1",
+            "--logs-dir", str(tmp_path), "--warmup", "1", "--loss", "fastclip-v3", "--seed", "6"]
+    sh = str(ROOT / "scripts" / "train.sh")
+    env = {**ENV, "EFFECTIVE_BATCH_SIZE": "8", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", sh, *args, "--name", "one"], env={**env, "NPROC": "2"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen(["bash", sh, *args, "--name", "two"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**env, "NPROC": "1", "NNODES": "2", "NODE_RANK": str(i),
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    a = torch.load(tmp_path / "one" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
