@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep only the K newest epoch_N.pt files (0: keep all). latest.pt is always kept.")
     c.add_argument("--epoch-weights-only", action="store_true",
                    help="epoch_N.pt holds the weights and what evaluation needs, not the optimizer and loss state "
-                        "(a third of the size for ViT-B-16 with AdamW); latest.pt stays complete for --resume.")
+                        "(about a third of a full checkpoint with AdamW); latest.pt stays complete for --resume.")
     c.add_argument("--save-frequency", type=int, default=1,
                    help="Write epoch_N.pt every N epochs and at the last epoch (0: none; latest.pt is always written).")
     c.add_argument("--report-to", default="", help="'tensorboard' to write event files.")
