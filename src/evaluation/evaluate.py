@@ -154,7 +154,7 @@ def _pattern_dir(pattern: str) -> str:
 def dataset_name(spec: str) -> str:
     """Display name of a shard spec: ``shards/cuhk/test`` -> ``cuhk``; ``lists/foo.txt`` -> ``foo``."""
     first = spec.split("::")[0]
-    if os.path.isfile(first) and not first.endswith((".tar", ".tar.gz", ".tgz")):
+    if os.path.isfile(first) and not shards.is_tar_name(first):
         return os.path.splitext(os.path.basename(first))[0]
     d = os.path.normpath(_pattern_dir(first))
     base = os.path.basename(d)

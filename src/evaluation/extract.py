@@ -74,7 +74,7 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
                 try:
                     found = shards.resolve(sub.strip())
                     for d in dict.fromkeys(shards.parent(f) for f in found):
-                        shards.check_listed(d)
+                        shards.read_split_info(d)  # refuses a folder its manifest does not list
                     out += found
                 except shards.ShardError as e:
                     raise EvalError(f"--data: {e}") from e

@@ -235,23 +235,18 @@ def write_sizes(shard_dir: str, sizes: dict) -> bool:
 
 
 def read_split_info(shard_dir: str) -> dict | None:
-    """The manifest.json entry of the split whose shards are in ``shard_dir`` (``ROOT/SPLIT``), if there is one."""
-    manifest = read_json(join(parent(shard_dir), MANIFEST_FILE))
-    if isinstance(manifest, dict):
-        info = manifest.get("splits", {}).get(basename(shard_dir))
-        return info if isinstance(info, dict) else None
-    return None
-
-
-def check_listed(shard_dir: str) -> None:
-    """ShardError when a manifest.json beside ``shard_dir`` does not list it: a folder left by an earlier make_shards
+    """The manifest.json entry of the split whose shards are in ``shard_dir`` (``ROOT/SPLIT``); None without a
+    manifest. ShardError when a manifest beside the folder does not list it: a folder left by an earlier make_shards
     run with other data, which would otherwise be read as if it belonged to this one."""
     manifest = read_json(join(parent(shard_dir), MANIFEST_FILE))
-    if isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict) \
-            and basename(shard_dir) not in manifest["splits"]:
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict)):
+        return None
+    info = manifest["splits"].get(basename(shard_dir))
+    if info is None:
         raise ShardError(f"{shard_dir} is not a split of the {join(parent(shard_dir), MANIFEST_FILE)} beside it "
                          f"(it lists {', '.join(manifest['splits']) or 'none'}): shards left by an earlier run? "
                          f"Delete the folder or re-make it")
+    return info if isinstance(info, dict) else None
 
 
 # --------------------------------------------------------------------------------------------------------------------

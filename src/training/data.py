@@ -110,9 +110,8 @@ def load_shard_set(spec: str, index: int = 0, logger=None) -> ShardSet:
             by_dir.setdefault(shards.parent(u), []).append(u)
         sizes, split_ids, ours = {}, None, True
         for d, in_dir in by_dir.items():
-            shards.check_listed(d)
+            info = shards.read_split_info(d)  # (refuses a folder its manifest does not list)
             sizes[d] = _shard_counts(d, in_dir, logger)
-            info = shards.read_split_info(d)
             ours = ours and info is not None
             if info and info.get("identities") is not None:
                 split_ids = (split_ids or 0) + int(info["identities"])
@@ -503,8 +502,15 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 def build_train_loader(stream: TrainStream, pin_memory: bool) -> torch.utils.data.DataLoader:
     W = stream.cfg.workers
-    from training.stop import ignore_in_worker
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=W, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=4 if W > 0 else None,
-        worker_init_fn=ignore_in_worker if W > 0 else None)
+        worker_init_fn=_init_loader_worker if W > 0 else None)
+
+
+def _init_loader_worker(_worker_id: int) -> None:
+    """A forked loader worker: the main process decides when it ends (stop signals are the main process's), and it
+    must not hold the run's lock (a SIGKILLed trainer's lingering workers would keep its own resume out)."""
+    from training import runlock, stop
+    stop.ignore_signals()
+    runlock.close_in_child()

@@ -76,9 +76,7 @@ def agreed() -> bool:
     return flag.item() > 0
 
 
-def ignore_in_worker(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: the main process decides when workers end (and they hold no run lock)."""
-    from training import runlock
-    runlock.close_in_child()
+def ignore_signals() -> None:
+    """For loader workers: the main process decides when they end."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
