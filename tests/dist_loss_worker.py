@@ -20,7 +20,12 @@ from training import distributed as dist_utils
 
 VARIANTS = ["openclip", "sogclr", "isogclr", "fastclip-v0", "fastclip-v1", "fastclip-v2", "fastclip-v3"]
 B, DIN, D, DATA_SIZE = 8, 5, 6, 20
-EPOCHS = (0, 2, 3)  # one step per epoch: gamma = 1, then gamma < 1 with the same keys (estimators are used)
+EPOCHS = (0, 2, 3)
+# Identity-aware runs: persons 1 and 2 have a pair on each rank, person 0 two pairs on rank 0, -1 is unknown.
+PIDS = torch.tensor([0, 1, 0, 2, 1, 3, -1, 2])
+ID_VARIANTS = VARIANTS + ["sdm"]
+CASES = [(v, blocked, False) for v in VARIANTS for blocked in (False, True)] + \
+        [(v, blocked, True) for v in ID_VARIANTS for blocked in (False, True)]  # one step per epoch: gamma = 1, then gamma < 1 with the same keys (estimators are used)
 
 
 def make_data():
@@ -33,9 +38,10 @@ def make_data():
     return x1, x2, keys, W1, W2
 
 
-def make_cfg(variant: str) -> LossConfig:
+def make_cfg(variant: str, ids: bool = False) -> LossConfig:
     # Non-trivial values everywhere (rho > 0, an lr_tau that moves the individual temperatures visibly).
-    over = dict(gamma_decay_epochs=4, temperature=0.1 if variant != "openclip" else 0.07)
+    over = dict(gamma_decay_epochs=4, temperature=0.1 if variant not in ("openclip", "sdm") else 0.07,
+                id_positives=ids)
     if variant in ("isogclr", "fastclip-v2"):
         over.update(lr_tau=0.02, rho=0.5)
     if variant == "fastclip-v3":
@@ -47,14 +53,14 @@ def make_cfg(variant: str) -> LossConfig:
 SMALL_BLOCK = 5
 
 
-def run_steps(variant: str, block_logits: int | None = None) -> dict:
+def run_steps(variant: str, block_logits: int | None = None, ids: bool = False) -> dict:
     """Simulated DDP steps on this rank's slice of the global batch; returns grads per step and the final state.
     ``block_logits`` overrides the GCL losses' row-blocking threshold (None: the default, no blocking here)."""
     x1, x2, keys, W1, W2 = make_data()
     K, r = dist_utils.world_size(), dist_utils.rank()
     b = B // K
     sl = slice(r * b, (r + 1) * b)
-    cfg = make_cfg(variant)
+    cfg = make_cfg(variant, ids)
     loss_fn = build_loss(cfg, DATA_SIZE, torch.device("cpu"), dtype=torch.float64)
     if block_logits is not None and hasattr(loss_fn, "block_logits"):
         loss_fn.block_logits = block_logits
@@ -66,7 +72,7 @@ def run_steps(variant: str, block_logits: int | None = None) -> dict:
         loss_fn.set_epoch(epoch)
         f1 = F.normalize(x1[sl] @ W1, dim=-1)
         f2 = F.normalize(x2[sl] @ W2, dim=-1)
-        loss, metrics = loss_fn(f1, f2, p.exp(), keys=keys[sl])
+        loss, metrics = loss_fn(f1, f2, p.exp(), keys=keys[sl], pids=PIDS[sl] if ids else None)
         for t in (W1, W2, p):
             t.grad = None
         loss.backward()
@@ -89,8 +95,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {(v, blocked): run_steps(v, SMALL_BLOCK if blocked else None)
-                   for v in VARIANTS for blocked in (False, True)}
+        results = {(v, blocked, ids): run_steps(v, SMALL_BLOCK if blocked else None, ids)
+                   for v, blocked, ids in CASES}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         # also check all ranks hold identical loss state

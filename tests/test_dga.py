@@ -30,7 +30,10 @@ def _batch(n=8, seed=0, dtype=torch.float64):
 
 
 def _loss(name, epoch=1):
-    fn = build_loss(LossConfig.from_name(name, epochs=4), data_size=32, dtype=torch.float64)
+    """``name+ids``: the loss with identity-aware positives (the batch's pids hold two pairs of each person)."""
+    name, _, ids = name.partition("+")
+    fn = build_loss(LossConfig.from_name(name, epochs=4, id_positives=ids == "ids"), data_size=32,
+                    dtype=torch.float64)
     fn.set_epoch(epoch)  # gamma < 1: the estimators' moving average is in play
     return fn
 
@@ -52,7 +55,8 @@ def _tiny_clip(learn_scale=True):
 # DGA == one pass
 
 
-@pytest.mark.parametrize("loss_name", ["openclip", "fastclip-v3", "fastclip-v1"])
+@pytest.mark.parametrize("loss_name", ["openclip", "fastclip-v3", "fastclip-v1", "openclip+ids", "sdm+ids",
+                                       "fastclip-v3+ids", "fastclip-v2+ids"])
 @pytest.mark.parametrize("chunks", [2, 3])
 def test_dga_gradient_equals_single_pass(loss_name, chunks):
     model = _tiny_clip()

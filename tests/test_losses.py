@@ -39,8 +39,9 @@ def make(variant, data_size=16, **over):
 
 
 # ---------------------------------------------------------------------------------------------- closed forms
-def closed_form(E1, E2, tau1, tau2, u1_old, u2_old, gamma, eps):
-    """Quantities of the math for anchors i and candidates j != i (no autograd).
+def closed_form(E1, E2, tau1, tau2, u1_old, u2_old, gamma, eps, pids=None):
+    """Quantities of the math for anchors i and candidates j != i (no autograd); with ``pids``, for candidates j of
+    another person than i (identity-aware negatives, g_i the mean over those n_i candidates).
 
     Returns g1, g2, the updated u1, u2, and for coefficient vectors c1, c2 a function giving
     (dE1, dE2, dtau) of  (1/(2B)) sum_i [c1_i g1_i / (u1_i+eps) + c2_i g2_i / (u2_i+eps)]  with u fixed,
@@ -49,12 +50,18 @@ def closed_form(E1, E2, tau1, tau2, u1_old, u2_old, gamma, eps):
     E1, E2 = E1.detach(), E2.detach()
     B = E1.shape[0]
     off = ~torch.eye(B, dtype=torch.bool)
+    if pids is not None:  # written out from the definition, not with the library's helpers
+        for i in range(B):
+            for j in range(B):
+                if pids[i] >= 0 and pids[i] == pids[j]:
+                    off[i, j] = False
+    n = off.sum(1, keepdim=True).to(E1.dtype)  # B - 1 without pids
     S = E1 @ E2.T  # S[i, j] = <e1_i, e2_j>
     pos = torch.diag(S)
     X1 = (S - pos[:, None]) / tau1[:, None]  # image anchor i, text candidate j
     X2 = (S.T - pos[:, None]) / tau2[:, None]  # text anchor i, image candidate j
-    W1 = torch.exp(X1) * off / (B - 1)
-    W2 = torch.exp(X2) * off / (B - 1)
+    W1 = torch.exp(X1) * off / n
+    W2 = torch.exp(X2) * off / n
     g1, g2 = W1.sum(1), W2.sum(1)
 
     def upd(u, g):
@@ -91,11 +98,16 @@ def _prime_estimators(loss, keys, seed=3):
     return u1, u2
 
 
+# pids of the 6-pair batch: persons 5 and 9 have two pairs each, 2 and 4 one; -1 = unknown (a foreign shard's pair)
+ID_BATCH = torch.tensor([5, 9, 5, -1, 9, 2])
+
+
 @pytest.mark.parametrize("variant", GCL_VARIANTS)
 @pytest.mark.parametrize("epoch", [0, 3])
-def test_surrogate_gradient_equals_closed_form_fcco(variant, epoch):
+@pytest.mark.parametrize("ids", [False, True], ids=["blind", "id-aware"])
+def test_surrogate_gradient_equals_closed_form_fcco(variant, epoch, ids):
     B = 6
-    over = dict(gamma_decay_epochs=6, rho=0.7, temperature=0.2)
+    over = dict(gamma_decay_epochs=6, rho=0.7, temperature=0.2, id_positives=ids)
     if variant in ("isogclr", "fastclip-v2"):
         over["lr_tau"] = 0.05
     loss = make(variant, **over)
@@ -113,11 +125,11 @@ def test_surrogate_gradient_equals_closed_form_fcco(variant, epoch):
     tau2 = loss.tau2[keys].clone() if individual else torch.full((B,), 0.2, dtype=DT)
     p = torch.tensor(math.log(1 / 0.2), dtype=DT, requires_grad=True)  # logit_scale param, tau = exp(-p)
 
-    out, metrics = loss(e1, e2, p.exp(), keys=keys)
+    out, metrics = loss(e1, e2, p.exp(), keys=keys, pids=ID_BATCH if ids else None)
     out.backward()
 
     eps = cfg.fastclip_eps
-    ref = closed_form(e1, e2, tau1, tau2, u1_old, u2_old, gamma, eps)
+    ref = closed_form(e1, e2, tau1, tau2, u1_old, u2_old, gamma, eps, ID_BATCH if ids else None)
     # estimator update (resets at the 0 and NaN entries)
     torch.testing.assert_close(loss.u1[keys], ref["u1"])
     torch.testing.assert_close(loss.u2[keys], ref["u2"])

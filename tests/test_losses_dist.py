@@ -31,11 +31,11 @@ def two_rank_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("blocked", [False, True], ids=["one-matrix", "row-blocks"])
-@pytest.mark.parametrize("variant", W.VARIANTS)
-def test_two_ranks_match_single_process(two_rank_results, variant, blocked):
-    ref = W.run_steps(variant)  # K = 1, whole batch, one matrix (no process group in the test process)
-    got = two_rank_results[(variant, blocked)]
+@pytest.mark.parametrize("variant,blocked,ids", W.CASES,
+                         ids=[f"{v}-{'row-blocks' if b else 'one-matrix'}{'-id-aware' if i else ''}" for v, b, i in W.CASES])
+def test_two_ranks_match_single_process(two_rank_results, variant, blocked, ids):
+    ref = W.run_steps(variant, ids=ids)  # K = 1, whole batch, one matrix (no process group in the test process)
+    got = two_rank_results[(variant, blocked, ids)]
     assert len(got["grads"]) == len(ref["grads"]) == len(W.EPOCHS)
     for step, (gs, rs) in enumerate(zip(got["grads"], ref["grads"])):
         for name, g, r in zip(("W1", "W2", "logit_scale"), gs, rs):
@@ -46,11 +46,19 @@ def test_two_ranks_match_single_process(two_rank_results, variant, blocked):
     for k in ref["state"]:
         torch.testing.assert_close(got["state"][k], ref["state"][k], rtol=1e-9, atol=1e-12,
                                    msg=f"{variant} state {k}")
-    if variant != "openclip":
+    if variant not in ("openclip", "sdm"):
         assert (ref["state"]["u1"] > 0).sum() == W.B  # exactly the batch's keys were written
-    if variant in ("openclip", "fastclip-v0", "fastclip-v3"):  # learnt model temperature gets a gradient
+    if variant in ("openclip", "sdm", "fastclip-v0", "fastclip-v3"):  # learnt model temperature gets a gradient
         assert all(step[2].abs() > 0 for step in ref["grads"])
     if variant in ("isogclr", "fastclip-v2"):  # per-pair temperatures moved
-        tau0 = W.make_cfg(variant).temperature
+        tau0 = W.make_cfg(variant, ids).temperature
         _, _, keys, _, _ = W.make_data()
         assert torch.all(ref["state"]["tau1"][keys] != tau0) and int(ref["state"]["tau_count"][keys[0]]) == 3
+
+
+@pytest.mark.slow
+def test_identity_aware_runs_differ_from_blind_ones(two_rank_results):
+    """The id-aware cases above test something: the person ids change every variant's gradients."""
+    for v in W.VARIANTS:
+        blind, aware = two_rank_results[(v, False, False)], two_rank_results[(v, False, True)]
+        assert not torch.allclose(blind["grads"][0][0], aware["grads"][0][0]), v

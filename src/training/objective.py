@@ -125,6 +125,8 @@ class Objective:
     def __call__(self, out: dict, batch: dict, mix: Mix | None = None, teacher: dict | None = None):
         kw = {"mix_alpha": mix.alpha} if mix is not None else {}
         # Every term below computes in float32 or wider outside autocast (fast_clip.precision): no casts here.
+        if self.loss_fn.cfg.id_positives:
+            kw["pids"] = batch["pids"]
         loss, metrics = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], batch["keys"],
                                      **kw)
         metrics = dict(metrics)

@@ -19,21 +19,21 @@ from typing import Optional
 import torch
 
 from fast_clip.losses.base import ContrastiveLoss
-from fast_clip.losses.config import (FASTCLIP_RULES, GAMMA_SCHEDULES, LR_TAU_SCHEDULERS, TEMPERATURE_SCHEMES,
+from fast_clip.losses.config import (FASTCLIP_RULES, GAMMA_SCHEDULES, INFONCE_FAMILY, LR_TAU_SCHEDULERS, TEMPERATURE_SCHEMES,
                                      VARIANT_PRESETS, LossConfig, add_loss_args, gamma_at_epoch, state_placement)
 from fast_clip.losses.gcl import GCLLoss
 from fast_clip.losses.infonce import OpenClipLoss, mixup_targets
-from fast_clip.losses.kernels import BLOCK_LOGITS, blocked_cross_entropy
+from fast_clip.losses.kernels import BLOCK_LOGITS, blocked_cross_entropy, blocked_identity_loss, same_identity
 
 __all__ = [
     "LOSSES", "VARIANT_PRESETS", "TEMPERATURE_SCHEMES", "GAMMA_SCHEDULES", "LR_TAU_SCHEDULERS", "FASTCLIP_RULES",
     "BLOCK_LOGITS", "LossConfig", "ContrastiveLoss", "OpenClipLoss", "GCLLoss", "add_loss_args", "build_loss",
-    "blocked_cross_entropy", "gamma_at_epoch", "mixup_targets", "state_placement",
+    "blocked_cross_entropy", "blocked_identity_loss", "same_identity", "INFONCE_FAMILY", "gamma_at_epoch", "mixup_targets", "state_placement",
 ]
 
 # The one registry: every preset name is a loss, computed by InfoNCE or by the GCL family (the preset's settings,
 # not a subclass, make the variant).
-LOSSES: dict[str, type] = {name: OpenClipLoss if name == "openclip" else GCLLoss for name in VARIANT_PRESETS}
+LOSSES: dict[str, type] = {name: OpenClipLoss if name in INFONCE_FAMILY else GCLLoss for name in VARIANT_PRESETS}
 
 
 def build_loss(cfg: LossConfig, data_size: Optional[int] = None, device=None,

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fast_clip.losses.config import STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
+from fast_clip.losses.config import INFONCE_FAMILY, STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
 from fast_clip.schedules import warmup_cosine
 
 class ContrastiveLoss(nn.Module):
@@ -37,7 +37,7 @@ class ContrastiveLoss(nn.Module):
     @property
     def official(self) -> bool:
         """The official FastCLIP update rules (GCL family only; InfoNCE has one form)."""
-        return self.cfg.fastclip_rules == "official" and self.cfg.loss != "openclip"
+        return self.cfg.fastclip_rules == "official" and self.cfg.loss not in INFONCE_FAMILY
 
     def temperature_lr(self, lr_now: float, tau: float, step: int = 0, base_lr: Optional[float] = None,
                        warmup: int = 0, total_steps: int = 1, lr_min: float = 0.0) -> Optional[float]:

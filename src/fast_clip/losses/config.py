@@ -40,11 +40,16 @@ TAU_GRAD_CLAMP = 5.0
 _COMMON = dict(
     gamma=0.2, gamma_schedule="cosine", gamma_decay_epochs=None, temperature=0.07, lr_tau=None,
     lr_tau_scheduler="const", rho=0.0, multiply_tau=False, fastclip_eps=1e-14, tau_beta1=None, tau_beta2=None,
-    tau_adam_eps=None, fastclip_rules="official",
+    tau_adam_eps=None, fastclip_rules="official", id_positives=False,
 )
+# The losses of the InfoNCE family (one mini-batch softmax per anchor; no per-pair state).
+INFONCE_FAMILY = ("openclip", "sdm")
 VARIANT_PRESETS: dict[str, dict] = {
     # InfoNCE with open_clip's learnable logit scale (main lr schedule, trainer clamps it to ln 100).
     "openclip": dict(_COMMON, temperature_scheme="global_learnable", gamma=1.0, gamma_schedule="constant"),
+    # SDM (IRRA, Jiang & Ye, CVPR 2023): KL(softmax of the similarities || the normalised positive distribution), the
+    # InfoNCE family's other way to use several positives; with --id-positives the positives are the same person's.
+    "sdm": dict(_COMMON, temperature_scheme="global_learnable", gamma=1.0, gamma_schedule="constant"),
     # SogCLR: GCL, constant tau, constant gamma.
     "sogclr": dict(_COMMON, temperature_scheme="global_constant", gamma=0.8, gamma_schedule="constant"),
     # iSogCLR: RGCL with individual temperatures, constant gamma.
@@ -100,6 +105,7 @@ class LossConfig:
     tau_adam_eps: float = 1e-8
     state_device: str = "auto"
     fastclip_rules: str = "official"
+    id_positives: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -164,12 +170,12 @@ class LossConfig:
             bad("lr_tau_scheduler", "one of " + _fmt_choices(LR_TAU_SCHEDULERS), self.lr_tau_scheduler)
         if self.fastclip_rules not in FASTCLIP_RULES:
             bad("fastclip_rules", "one of " + _fmt_choices(FASTCLIP_RULES), self.fastclip_rules)
-        if self.loss == "openclip":
+        if self.loss in INFONCE_FAMILY:
             if self.temperature_scheme == "individual_learnable":
-                bad("temperature_scheme", "'global_constant' or 'global_learnable' with --loss openclip",
+                bad("temperature_scheme", f"'global_constant' or 'global_learnable' with --loss {self.loss}",
                     self.temperature_scheme)
             if self.multiply_tau:
-                bad("multiply_tau", "off with --loss openclip", self.multiply_tau)
+                bad("multiply_tau", f"off with --loss {self.loss}", self.multiply_tau)
         if not (0.0 < float(self.gamma) <= 1.0):
             bad("gamma", "in (0, 1]", self.gamma)
         if int(self.gamma_decay_epochs) < 1:
@@ -232,6 +238,12 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
         help="Temperature and estimator update rules of the FastCLIP family: 'official' (default; those of the "
              "official FastCLIP code, for which its published hyper-parameters were tuned) or 'exact' (the exact "
              "gradients of the objectives as written in the papers). docs/LOSSES.md lists the differences.")
+    g.add_argument("--id-positives", "--id_positives", dest="id_positives", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="Identity-aware positives: pairs of the same person id in the global batch are positives, not "
+                        "negatives (InfoNCE: targets spread over them; sdm: its label distribution; the GCL family: "
+                        "left out of the negative sums). Pairs without an id (foreign shards) keep their own pair "
+                        "as the only positive. docs/LOSSES.md, section 12.")
     g.add_argument("--loss_state_device", "--loss-state-device", dest="state_device", default=None,
                    choices=STATE_DEVICES,
                    help="Where the per-pair estimator / temperature tables live: on the accelerator, in pinned host "

@@ -14,6 +14,17 @@ from fast_clip.precision import compute_dtype as _compute_dtype
 from fast_clip.precision import no_autocast as _no_autocast
 
 # ------------------------------------------------------------------------------------------------ pure update rules
+def _negative_counts(pids_all: torch.Tensor) -> torch.Tensor:
+    """n_i = the number of pairs of the global batch that show another person than pair i (B - 1 for an unknown
+    pid, -1), at least 1 so that a batch of one person gives g = 0 rather than 0/0. From the pid counts, never a
+    B x B matrix."""
+    B = pids_all.numel()
+    _, inv, counts = torch.unique(pids_all, return_inverse=True, return_counts=True)
+    same = torch.where(pids_all >= 0, counts[inv], torch.ones_like(inv))
+    return (B - same).clamp_min(1)
+
+
+
 def estimator_update(old: torch.Tensor, g: torch.Tensor, gamma: float, official: bool,
                      rescale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """u_new = (1-gamma) u_old + gamma g, entry by entry, with the reset rule of each rule set: official, to g where
@@ -172,14 +183,17 @@ class GCLLoss(ContrastiveLoss):
                                            cfg.tau_adam_eps, step)
 
     # -------------------------------------------------------------- forward
-    def forward(self, image_features, text_features, logit_scale=None, keys=None, mix_alpha=None):
+    def forward(self, image_features, text_features, logit_scale=None, keys=None, mix_alpha=None, pids=None):
         if mix_alpha is not None:
             raise ValueError(f"--mixup-beta works with --loss openclip only: {self.cfg.loss} keeps one estimator per "
                              f"training pair, and a mixed sample is not one pair")
+        if self.cfg.id_positives and pids is None:
+            raise ValueError(f"--id-positives needs the person ids of the batch (pids=...)")
         with _no_autocast(image_features.device):
-            return self._forward(image_features, text_features, logit_scale, keys)
+            return self._forward(image_features, text_features, logit_scale, keys,
+                                 pids if self.cfg.id_positives else None)
 
-    def _forward(self, image_features, text_features, logit_scale, keys):
+    def _forward(self, image_features, text_features, logit_scale, keys, pids=None):
         if keys is None:
             raise ValueError(f"loss {self.cfg.loss!r} needs the dataset keys of the batch (keys=...)")
         cfg = self.cfg
@@ -204,6 +218,19 @@ class GCLLoss(ContrastiveLoss):
         if bool(((keys_all < 0) | (keys_all >= self.data_size)).any()):
             raise ValueError(f"keys must lie in [0, {self.data_size}) (--data_size); got range "
                              f"[{int(keys_all.min())}, {int(keys_all.max())}]")
+        # Identity-aware negatives (--id-positives): N_i = the pairs of the global batch showing another person than
+        # pair i; g_i is the mean over N_i, so each row has its own count n_i (B - 1 without ids, or for pid -1).
+        ids_loc = ids_rem = None
+        if pids is not None:
+            pids = pids.to(device=dev, dtype=torch.long).reshape(-1)
+            if pids.numel() != b:
+                raise ValueError(f"pids has {pids.numel()} entries for a batch of {b}")
+            pids_all = dist_utils.all_gather_no_grad(pids)
+            denom_all = _negative_counts(pids_all).to(dt)
+            ids_loc = (pids, pids_all)
+        else:
+            denom_all = torch.full((B,), float(B - 1), dtype=dt, device=dev)
+        denom_loc = denom_all[off:off + b]
         E1 = dist_utils.all_gather_no_grad(e1.detach())  # (B, d) no grad
         E2 = dist_utils.all_gather_no_grad(e2.detach())
         # The gathered matrices with THIS rank's block replaced by the live local features.
@@ -241,28 +268,28 @@ class GCLLoss(ContrastiveLoss):
         if blocked:
             with torch.no_grad():
                 g1, h1, s1 = _exp_row_stats(e1, E2_live, pos, t1_loc, off, self.block_logits, self.individual,
-                                            floor1 if self.shifted else None)
+                                            floor1 if self.shifted else None, ids_loc)
                 g2, h2, s2 = _exp_row_stats(e2, E1_live, pos, t2_loc, off, self.block_logits, self.individual,
-                                            floor2 if self.shifted else None)
+                                            floor2 if self.shifted else None, ids_loc)
         else:
             # D = <e_i, e'_j> - <e_i, e'_i>; X = D / tau; P = exp(X) with the pair's own column zeroed.
             if self.shifted:
-                P1, X1, s1 = _exp_rows(e1, E2_live, pos, t1_loc, off, shift_floor=floor1)  # (b, B), live
-                P2, X2, s2 = _exp_rows(e2, E1_live, pos, t2_loc, off, shift_floor=floor2)
+                P1, X1, s1 = _exp_rows(e1, E2_live, pos, t1_loc, off, shift_floor=floor1, ids=ids_loc)  # (b, B)
+                P2, X2, s2 = _exp_rows(e2, E1_live, pos, t2_loc, off, shift_floor=floor2, ids=ids_loc)
             else:
-                P1, X1 = _exp_rows(e1, E2_live, pos, t1_loc, off)  # (b, B), live
-                P2, X2 = _exp_rows(e2, E1_live, pos, t2_loc, off)
+                P1, X1 = _exp_rows(e1, E2_live, pos, t1_loc, off, ids=ids_loc)  # (b, B), live
+                P2, X2 = _exp_rows(e2, E1_live, pos, t2_loc, off, ids=ids_loc)
             g1, g2 = P1.sum(1), P2.sum(1)
             # tau * d g/d tau = -mean_{j!=i} exp(X_ij) X_ij  (only the per-pair temperatures need it)
             h1 = (P1 * X1).detach().sum(1) if self.individual else None
             h2 = (P2 * X2).detach().sum(1) if self.individual else None
-        g1, g2 = g1 / (B - 1), g2 / (B - 1)
+        g1, g2 = g1 / denom_loc, g2 / denom_loc
 
         # ---- estimator update with the whole global batch (identical on every rank)
         with torch.no_grad():
             cols = [g1.detach(), g2.detach()]
             if self.individual:
-                cols += [h1 / (B - 1), h2 / (B - 1)]
+                cols += [h1 / denom_loc, h2 / denom_loc]
             if self.shifted:
                 cols += [s1[:, 0], s2[:, 0]]
             stats_all = dist_utils.all_gather_no_grad(torch.stack(cols, 1))
@@ -292,8 +319,10 @@ class GCLLoss(ContrastiveLoss):
         w2_all = c2_all / (u2_all + eps) / (2 * B)
         w1_loc, w2_loc = w1_all[off:off + b], w2_all[off:off + b]
         if blocked:
-            local_part = (_weighted_exp_sum(e1, E2_live, pos, t1_loc, w1_loc / (B - 1), off, self.block_logits, s1)
-                          + _weighted_exp_sum(e2, E1_live, pos, t2_loc, w2_loc / (B - 1), off, self.block_logits, s2))
+            local_part = (_weighted_exp_sum(e1, E2_live, pos, t1_loc, w1_loc / denom_loc, off, self.block_logits, s1,
+                                            ids_loc)
+                          + _weighted_exp_sum(e2, E1_live, pos, t2_loc, w2_loc / denom_loc, off, self.block_logits, s2,
+                                              ids_loc))
         else:
             local_part = (w1_loc * g1).sum() + (w2_loc * g2).sum()
 
@@ -310,9 +339,11 @@ class GCLLoss(ContrastiveLoss):
             sr1 = stats_all[rem, 4:5].to(dt) if self.shifted else None
             sr2 = stats_all[rem, 5:6].to(dt) if self.shifted else None
             # anchor e1_i (i remote) vs live e2_j (j local), and the text-anchor mirror; (B-b, b) each
-            remote_part = (_weighted_exp_sum(E1[rem], e2, posd, t1r, w1_all[rem] / (B - 1), None, self.block_logits, sr1)
-                           + _weighted_exp_sum(E2[rem], e1, posd, t2r, w2_all[rem] / (B - 1), None, self.block_logits,
-                                               sr2))
+            ids_rem = None if ids_loc is None else (pids_all[rem], pids)
+            remote_part = (_weighted_exp_sum(E1[rem], e2, posd, t1r, w1_all[rem] / denom_all[rem], None,
+                                             self.block_logits, sr1, ids_rem)
+                           + _weighted_exp_sum(E2[rem], e1, posd, t2r, w2_all[rem] / denom_all[rem], None,
+                                               self.block_logits, sr2, ids_rem))
 
         surrogate = K * (local_part + remote_part)
 
@@ -360,4 +391,6 @@ class GCLLoss(ContrastiveLoss):
         loss = surrogate - surrogate.detach() + value.to(dt)
         metrics = {"loss_value": m[0], "tau": m[1], "gamma": gamma, "u1_mean": m[2], "u2_mean": m[3],
                    "g1_mean": m[4], "g2_mean": m[5]}
+        if pids is not None:  # the mean number of positives per anchor (B - n_i; 1 = no other pair of the person)
+            metrics["positives"] = float(B - denom_loc.mean())
         return loss, metrics

@@ -37,17 +37,73 @@ def blocked_cross_entropy(anchors: torch.Tensor, others: torch.Tensor, scale: to
     return total / n
 
 
-def _exp_rows(anchors, cands, pos, tau, diag_start: Optional[int], shift=None, shift_floor=None):
+# IRRA's SDM adds this to the label distribution inside the log, so that log q is finite off the positives.
+SDM_EPS = 1e-8
+
+
+def identity_targets(row_pids: Optional[torch.Tensor], col_pids: Optional[torch.Tensor], n_rows: int, n_cols: int,
+                     own_start: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(rows, cols) target distribution: uniform over the columns showing the same person as the row, the row's own
+    pair (column own_start + i) always among them; one-hot on the own pair when no pids are given."""
+    rows = torch.arange(n_rows, device=device)
+    pos = (torch.zeros(n_rows, n_cols, dtype=torch.bool, device=device) if row_pids is None
+           else same_identity(row_pids, col_pids))
+    pos = pos.index_put((rows, own_start + rows), torch.ones((), dtype=torch.bool, device=device))
+    t = pos.to(dtype)
+    return t / t.sum(1, keepdim=True)
+
+
+def _identity_rows(anchors, others, scale, own_start: int, sdm: bool, row_pids=None, col_pids=None):
+    """Summed over these rows: multi-positive cross-entropy -sum_j t_ij log p_ij, or (sdm) the KL
+    sum_j p_ij (log p_ij - log(t_ij + SDM_EPS)), with p = softmax(scale * anchors . others^T) and t identity_targets."""
+    logp = torch.log_softmax(scale * anchors @ others.t(), dim=1)
+    t = identity_targets(row_pids, col_pids, anchors.shape[0], others.shape[0], own_start, logp.dtype, logp.device)
+    if sdm:
+        return (logp.exp() * (logp - torch.log(t + SDM_EPS))).sum()
+    return -(t * logp).sum()
+
+
+def blocked_identity_loss(anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor, own_start: int,
+                          sdm: bool = False, row_pids: Optional[torch.Tensor] = None,
+                          col_pids: Optional[torch.Tensor] = None, max_logits: int = BLOCK_LOGITS) -> torch.Tensor:
+    """Mean over rows of :func:`_identity_rows`; the targets are built block by block from the pids (never a whole
+    b x B target matrix), in row blocks under activation checkpointing above ``max_logits`` logits."""
+    n, m = anchors.shape[0], others.shape[0]
+    if n * m <= max_logits or not torch.is_grad_enabled():
+        return _identity_rows(anchors, others, scale, own_start, sdm, row_pids, col_pids) / n
+    from torch.utils.checkpoint import checkpoint
+    total = anchors.new_zeros(())
+    for a, z in _row_blocks(n, m, max_logits):
+        total = total + checkpoint(_identity_rows, anchors[a:z], others, scale, own_start + a, sdm,
+                                   None if row_pids is None else row_pids[a:z], col_pids, use_reentrant=False)
+    return total / n
+
+
+def same_identity(row_pids: torch.Tensor, col_pids: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) bool: the two pairs show the same person. A negative pid (unknown) matches nothing, so a set
+    without ids keeps one positive per row (its own pair, which the callers add by position)."""
+    return (row_pids[:, None] == col_pids[None, :]) & (row_pids[:, None] >= 0)
+
+
+def _exp_rows(anchors, cands, pos, tau, diag_start: Optional[int], shift=None, shift_floor=None, ids=None):
     """P = exp((anchors @ cands^T - pos) / tau - shift) and X = the exponent without the shift; when ``diag_start`` is
     given, anchor row i's own pair sits in column diag_start + i and its P entry is zeroed (g sums over j != i only).
+    ``ids`` = (row pids, column pids): the entries of the same person are zeroed too (identity-aware negatives).
 
     ``shift`` (a detached column, per anchor) is the official code's running maximum of X ("bounds"), which keeps the
     per-pair-temperature exponentials finite; their estimators are then stored in units of exp(-shift). With
-    ``shift_floor`` (the old bounds) the shift is the new bound, max(old, max_j X_ij), returned third."""
+    ``shift_floor`` (the old bounds) the shift is the new bound, max(old, max_j X_ij), returned third; same-person
+    entries do not count towards it (a near-duplicate caption would otherwise push the others towards underflow).
+
+    Same-person entries get the exponent -inf before the exp, not a zero after it: their X can be large (another
+    caption of the same image scores above the pair's own), and exp(X) = inf times the zero gradient of a masked
+    entry would be NaN in the backward."""
     X = (anchors @ cands.t() - pos) / tau
+    same = same_identity(*ids) if ids is not None else None
     if shift_floor is not None:
-        shift = _new_shift(X, shift_floor)
-    P = torch.exp(X if shift is None else X - shift)
+        shift = _new_shift(X if same is None else X.masked_fill(same, float("-inf")), shift_floor)
+    E = X if shift is None else X - shift
+    P = torch.exp(E if same is None else E.masked_fill(same, float("-inf")))
     if diag_start is not None:
         rows = torch.arange(anchors.shape[0], device=P.device)
         P = P.index_put((rows, diag_start + rows), P.new_zeros(()))  # out of place: X and P stay valid for autograd
@@ -81,14 +137,18 @@ def _new_shift(X, floor):
     return torch.maximum(floor, X.detach().amax(1, keepdim=True))
 
 
-def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: bool, shift_floor=None):
+def _ids_rows(ids, sl: slice):
+    return None if ids is None else (ids[0][sl], ids[1])
+
+
+def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: bool, shift_floor=None, ids=None):
     """Row sums of P and (``with_h``) of P*X (see _exp_rows), in row blocks of at most ``max_logits`` entries; with
     ``shift_floor`` (old bounds, a column) P is shifted by each row's new bound, returned third (else None)."""
     g, h, shifts = [], [], []
     for a, z in _row_blocks(anchors.shape[0], cands.shape[0], max_logits):
         sl = slice(a, z)
         out = _exp_rows(anchors[sl], cands, pos[sl], _per_row(tau, sl), None if diag_start is None else diag_start + a,
-                        shift_floor=None if shift_floor is None else shift_floor[sl])
+                        shift_floor=None if shift_floor is None else shift_floor[sl], ids=_ids_rows(ids, sl))
         P, X = out[0], out[1]
         if shift_floor is not None:
             shifts.append(out[2])
@@ -98,22 +158,25 @@ def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: boo
     return torch.cat(g), (torch.cat(h) if with_h else None), (torch.cat(shifts) if shifts else None)
 
 
-def _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift=None):
-    return (weights * _exp_rows(anchors, cands, pos, tau, diag_start, shift)[0].sum(1)).sum()
+def _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift=None, row_ids=None, col_ids=None):
+    ids = None if row_ids is None else (row_ids, col_ids)
+    return (weights * _exp_rows(anchors, cands, pos, tau, diag_start, shift, ids=ids)[0].sum(1)).sum()
 
 
-def _weighted_exp_sum(anchors, cands, pos, tau, weights, diag_start: Optional[int], max_logits: int, shift=None):
+def _weighted_exp_sum(anchors, cands, pos, tau, weights, diag_start: Optional[int], max_logits: int, shift=None,
+                      ids=None):
     """sum_i weights_i * sum_j P_ij (P of _exp_rows), differentiable in anchors, cands, pos and a live tau; in row
     blocks under activation checkpointing once the matrix exceeds ``max_logits`` entries, so that the forward keeps
     one block at a time and the backward recomputes it (same value and gradient up to summation order)."""
     n, m = anchors.shape[0], cands.shape[0]
     if n * m <= max_logits or not torch.is_grad_enabled():
-        return _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift)
+        return _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift, *(ids or (None, None)))
     from torch.utils.checkpoint import checkpoint
     total = anchors.new_zeros(())
     for a, z in _row_blocks(n, m, max_logits):
         sl = slice(a, z)
         total = total + checkpoint(_weighted_rows, anchors[sl], cands, pos[sl], _per_row(tau, sl), weights[sl],
                                    None if diag_start is None else diag_start + a,
-                                   None if shift is None else shift[sl], use_reentrant=False)
+                                   None if shift is None else shift[sl], *(_ids_rows(ids, sl) or (None, None)),
+                                   use_reentrant=False)
     return total
