@@ -395,7 +395,7 @@ def parse(argv, epochs=None):
 
 
 def test_registry_and_presets():
-    assert set(LOSSES) == {"openclip", "sogclr", "isogclr", "fastclip-v0", "fastclip-v1", "fastclip-v2",
+    assert set(LOSSES) == {"openclip", "sdm", "sogclr", "isogclr", "fastclip-v0", "fastclip-v1", "fastclip-v2",
                            "fastclip-v3"}
     for name in LOSSES:
         cfg = LossConfig.from_name(name)
