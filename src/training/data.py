@@ -13,7 +13,11 @@ the sample order to be a pure function of (seed, epoch, rank, worker, batch inde
 * **weighted mode**: every (rank, worker) reads its own slice of each set in endless passes and draws each sample's set
   with probability proportional to its weight, from a seeded RNG.
 
-Within a worker a seeded shuffle buffer mixes samples; augmentation is seeded per batch. The DataLoader reads its
+Within a worker a seeded shuffle buffer mixes samples; augmentation is seeded per batch. With ``--pairs-per-id K``
+the buffer mixes groups instead of samples: each person's pairs in the worker's range are cut into groups of K
+(shards are written sorted by person id, so a person's pairs arrive together; a bounded buffer also groups unsorted
+shards), leftovers are packed into K-sized groups of several persons, and a batch of b = P*K samples is P consecutive
+groups: P persons x K pairs, still every pair once per epoch from the same fixed range. The DataLoader reads its
 workers round-robin, so batch j of a rank comes from worker j % W. To resume at batch k, every worker replays its
 stream and drops the batches it had produced, and the worker roles are rotated by k % W so that physical worker 0
 produces batch k next. Unusable samples (bad JPEG, bad UTF-8, missing json, ...) are counted by reason and replaced by
@@ -227,6 +231,70 @@ def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
         pos += count
 
 
+def raw_pid(raw: dict, sset: ShardSet) -> int:
+    """The global person id of a raw sample (its json's pid + the set's offset; -1 when it has none), read before
+    decoding so that the identity grouping can use it. The decoder reads it the same way."""
+    try:
+        pid = json.loads(raw["json"].decode("utf-8")).get("pid")
+    except (KeyError, AttributeError, UnicodeDecodeError, json.JSONDecodeError):
+        return -1
+    return pid + sset.pid_offset if isinstance(pid, int) and pid >= 0 else -1
+
+
+def identity_groups(items, k: int, rng: random.Random, max_pending: int, pid_of):
+    """Cut a stream into groups of exactly k items (the last one may be shorter), every item once.
+
+    A run of consecutive items of one person (how sorted shards deliver them) is added to that person's pending
+    items; at the run's end the pending items are shuffled and every full k of them is a group. What stays pending
+    (fewer than k) waits for more of the same person (unsorted shards) until more than ``max_pending`` items wait:
+    then the oldest person's rest is packed, with other rests and the items without an id, into mixed groups of k."""
+    pending: dict[int, list] = {}
+    mixed: list = []
+    waiting = 0
+    last = None
+
+    def close(pid):
+        nonlocal waiting
+        items_p = pending[pid]
+        rng.shuffle(items_p)
+        full = len(items_p) // k * k
+        for a in range(0, full, k):
+            yield items_p[a:a + k]
+        waiting -= full
+        if full == len(items_p):
+            del pending[pid]
+        else:
+            pending[pid] = items_p[full:]
+
+    def spill(rest):
+        mixed.extend(rest)
+        while len(mixed) >= k:
+            yield mixed[:k]
+            del mixed[:k]
+
+    for item in items:
+        pid = pid_of(item)
+        if pid != last and last is not None and last in pending:
+            yield from close(last)
+        last = pid
+        if pid < 0:
+            yield from spill([item])
+            continue
+        pending.setdefault(pid, []).append(item)
+        waiting += 1
+        while waiting > max_pending:
+            oldest = next(iter(pending))
+            rest = pending.pop(oldest)
+            waiting -= len(rest)
+            yield from spill(rest)
+    if last is not None and last in pending:
+        yield from close(last)
+    for rest in list(pending.values()):
+        yield from spill(rest)
+    if mixed:
+        yield list(mixed)
+
+
 def shuffle_buffer(items, size: int, rng: random.Random):
     """Seeded reservoir shuffle: output depends only on the input order and the RNG seed."""
     if size <= 1:
@@ -259,6 +327,7 @@ class LoaderConfig:
     num_samples: int | None = None   # per epoch, all ranks together
     max_bad_frac: float = 0.2
     debiased: bool = False           # every batch from one source (same source on all ranks)
+    pairs_per_id: int = 0            # K > 0: batches of P persons x K pairs (identity_groups)
 
 
 @dataclass
@@ -335,6 +404,10 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise DataError(f"--train-num-samples {self.num_samples} exceeds the {self.total_pairs} pairs of "
                             f"--train-data; give --train-data-weights to sample with replacement")
         self.plan = None
+        k = cfg.pairs_per_id
+        if k and (k < 2 or cfg.batch_size % k or cfg.batch_size // k < 2):
+            raise DataError(f"--pairs-per-id {k} needs K >= 2 dividing the per-rank batch {cfg.batch_size} into at "
+                            f"least 2 persons")
         if cfg.debiased:
             if cfg.weights is not None or cfg.num_samples is not None:
                 raise DataError("debiased sampling reads every set once per epoch by size; it does not combine "
@@ -361,11 +434,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         epoch where it stopped."""
         return {"seed": self.cfg.seed, "world_size": self.world, "workers": self.cfg.workers,
                 "batch_size": self.cfg.batch_size, "train_data": "::".join(s.spec for s in self.sets),
-                "debiased_sampling": self.cfg.debiased}
+                "debiased_sampling": self.cfg.debiased, "pairs_per_id": self.cfg.pairs_per_id}
 
     def same_plan(self, saved: dict) -> bool:
-        # checkpoints written before --debiased-sampling existed have no such key: they were not debiased
-        return all(saved.get(k, False if k == "debiased_sampling" else None) == v for k, v in self.plan_signature().items())
+        # checkpoints written before a key existed have none: they ran with its off value
+        off = {"debiased_sampling": False, "pairs_per_id": 0}
+        return all(saved.get(k, off.get(k)) == v for k, v in self.plan_signature().items())
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -416,13 +490,22 @@ class TrainStream(torch.utils.data.IterableDataset):
         order = shard_order([sset], self.cfg.seed, self.epoch, self.cfg.shard_shuffle, sset.index)
         yield from read_range(order, start, start + mine * b, counter)
 
+    def _mix(self, items, rng: random.Random):
+        """The seeded shuffle buffer over samples, or (--pairs-per-id K) over groups of K pairs of one person."""
+        k = self.cfg.pairs_per_id
+        if not k:
+            yield from shuffle_buffer(items, self.cfg.shuffle_buffer, rng)
+            return
+        groups = identity_groups(items, k, rng, self.cfg.shuffle_buffer, lambda it: raw_pid(it[0], it[1]))
+        for group in shuffle_buffer(groups, max(1, self.cfg.shuffle_buffer // k), rng):
+            yield from group
+
     def _refilled(self, make, w: int, tag: tuple = ()):
         """Shuffled passes over one fixed range: refills for unusable samples come from the next pass."""
         for p in range(1 << 30):
             got = 0
-            for item in shuffle_buffer(make(), self.cfg.shuffle_buffer,
-                                       random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w, p,
-                                                                        *tag))):
+            for item in self._mix(make(), random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch,
+                                                                 self.rank, w, p, *tag))):
                 got += 1
                 yield item
             if got == 0:
@@ -431,8 +514,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _raw(self, w: int, counter: "Tally"):
         if self.cfg.weights is not None:
-            yield from shuffle_buffer(self._weighted_stream(w, counter), self.cfg.shuffle_buffer,
-                                      random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w)))
+            yield from self._mix(self._weighted_stream(w, counter),
+                                 random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w)))
             return
         yield from self._refilled(lambda: self._concat_stream(w, counter), w)
 

@@ -326,6 +326,11 @@ def _train(args, denv) -> int:
                           if id_head is not None else None,
                           teacher=teacher if args.distill == "feature" else None, distill_weight=args.distill_weight)
 
+    if args.loss_config.id_positives or args.pairs_per_id:
+        for s in sets:
+            if not s.ours:  # said once here, not per step: such pairs simply have no other positive
+                logger.info(f"--train-data set {s.spec!r} has no manifest.json: person ids come from each sample's "
+                            f"json 'pid'; a pair without one is its own person only")
     tokenizer = get_tokenizer(args.model)
     on_device = args.augment_device == "device" or (args.augment_device == "auto" and denv.device.type == "cuda")
     decoder = SampleDecoder(transform=build_transform(args.image_size, train=not args.no_augment, uint8=on_device),
@@ -336,7 +341,7 @@ def _train(args, denv) -> int:
                                             shard_shuffle=not args.no_shard_shuffle, weights=weights,
                                             num_samples=args.train_num_samples,
                                             max_bad_frac=args.max_bad_samples_frac,
-                                            debiased=args.debiased_sampling),
+                                            debiased=args.debiased_sampling, pairs_per_id=args.pairs_per_id),
                          decoder, tokenizer, denv.rank, denv.world_size)
     hooks = Hooks(args, run_dir, logger, model, optimizer, loss_fn, stream, id_head)
     try:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--debiased-sampling", action="store_true",
                    help="ZeroVL debiased sampling: every global batch comes from one '::' set, drawn with probability "
                         "proportional to its size (identically on all ranks); each set is read once per epoch.")
+    d.add_argument("--pairs-per-id", type=int, default=0, metavar="K",
+                   help="Identity-balanced batches: every batch holds P persons x K pairs (P = batch / K), every pair "
+                        "still once per epoch; a person's pairs beyond a multiple of K fill mixed groups. 0: off.")
     d.add_argument("--max-bad-samples-frac", type=float, default=0.2,
                    help="Stop with an error when more than this share of the samples read in an epoch is unusable.")
 
@@ -210,6 +213,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("--keep-last-k", "must be >= 0")
     if args.shuffle_buffer < 1:
         fail("--shuffle-buffer", "must be >= 1")
+    if args.pairs_per_id and (args.pairs_per_id < 2 or args.batch_size % args.pairs_per_id
+                              or args.batch_size // args.pairs_per_id < 2):
+        fail("--pairs-per-id", f"must be 0 or a K >= 2 that divides --batch-size {args.batch_size} (per GPU) into at "
+                               f"least 2 persons")
     if args.val_frequency and not args.val_data:
         fail("--val-frequency", "needs --val-data")
     if args.train_data_weights is not None:
