@@ -8,7 +8,8 @@ the final R@1 of `openclip`.
 
 A loss may carry loss-flag overrides after a '+', comma-separated, to sweep one setting against a preset:
 ``fastclip-v3+gamma=0.8,gamma_schedule=constant`` runs the v3 preset with ``--gamma 0.8 --gamma_schedule constant``
-and is reported under that label.
+and is reported under that label; a bare name is a switch (``openclip+id-positives,pairs-per-id=4``), and any trainer
+flag can be given this way (``+id-loss=linear,id-loss-weight=0.1``).
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     flags = []
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise SystemExit(f"loss spec {spec!r}: override {item!r} is not flag=value")
-        flags += [f"--{key}", value]
+        if not key:
+            raise SystemExit(f"loss spec {spec!r}: override {item!r} is not flag=value or a bare flag")
+        flags += [f"--{key}", value] if eq else [f"--{key}"]  # a bare name is a switch: id-positives
     return loss, flags
 
 

@@ -29,13 +29,14 @@ model.logit_scale.requires_grad_(loss_fn.learns_model_temperature)
 loss_fn.set_epoch(1)  # past epoch 0 so that the estimators' moving average (gamma < 1) is exercised
 
 id_head, id_cfg = None, None
-if args.id_loss == "arcface":  # 8 identities: pid = key // 4
-    from fast_clip.id_head import ArcFaceHead
+if args.id_loss != "none":  # 8 identities: pid = key // 4
+    from fast_clip.id_head import ArcFaceHead, LinearIdHead
     from training.objective import IdLossConfig
-    id_head = ArcFaceHead(8, model.visual.output_dim, subcenters=args.arcface_subcenters)
-    id_cfg = IdLossConfig(args.id_loss_weight, args.arcface_scale, args.arcface_margin)
+    id_head = (LinearIdHead(8, model.visual.output_dim) if args.id_loss == "linear" else
+               ArcFaceHead(8, model.visual.output_dim, subcenters=args.arcface_subcenters))
+    id_cfg = IdLossConfig(args.id_loss_weight, args.arcface_scale, args.arcface_margin, args.id_loss)
 module = TrainModule(model, id_head)
-opt = build_optimizer(module, lr=1e-3, wd=0.1)
+opt = build_optimizer(module, lr=1e-3, wd=0.1, head_lr_mult=args.id_head_lr_mult)
 objective = Objective(loss_fn, id_cfg)
 reduce_calls = []
 if env.distributed:

@@ -9,11 +9,17 @@ from fast_clip.model import create_model
 from test_training import MAIN, ROOT, run_main, tiny_shards, torchrun  # noqa: F401 (fixture)
 
 
+ARCFACE = ["--id-loss", "arcface", "--id-loss-weight", "0.5", "--arcface-margin", "0.3"]
+# IRRA's linear head at 5x the lr, with identity-aware positives (pid = key // 4: same persons across the two ranks)
+LINEAR_IDS = ["--id-loss", "linear", "--id-loss-weight", "0.5", "--id-head-lr-mult", "5", "--id-positives"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--arcface-subcenters", "2"], ["--accum-freq", "2"]])
-def test_id_head_two_processes_equal_one_process(tmp_path, extra):
+@pytest.mark.parametrize("base,extra", [(ARCFACE, ["--arcface-subcenters", "2"]), (ARCFACE, ["--accum-freq", "2"]),
+                                        (LINEAR_IDS, ["--accum-freq", "2"])], ids=["arcface-subcenters",
+                                                                                  "arcface-dga", "linear-id-aware-dga"])
+def test_id_head_two_processes_equal_one_process(tmp_path, base, extra):
     worker = str(ROOT / "tests" / "dist_train_worker.py")
-    base = ["--id-loss", "arcface", "--id-loss-weight", "0.5", "--arcface-margin", "0.3"]
     sub = extra if "--arcface-subcenters" in extra else []
     torchrun(1, worker, tmp_path / "one.pt", "fastclip-v3", *base, *sub)   # reference: one process, one pass
     torchrun(2, worker, tmp_path / "two.pt", "fastclip-v3", *base, *extra)

@@ -241,3 +241,42 @@ def test_bad_scale_and_margin():
         arcface_logits(cos, labels, S, -0.1)
     with pytest.raises(ValueError, match="scale"):
         arcface_logits(cos, labels, 0.0, M)
+
+
+# ------------------------------------------------------------------------------------------------------ linear head
+def test_linear_id_loss_is_the_mean_of_two_cross_entropies_by_hand():
+    from fast_clip.id_head import LinearIdHead, linear_id_loss
+    torch.manual_seed(0)
+    head = LinearIdHead(num_ids=3, dim=4).double()
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.randn(3, 4, dtype=torch.float64))
+        head.fc.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+    fi, ft = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    labels = torch.tensor([2, 0])
+    loss, m = linear_id_loss(head(fi), head(ft), labels)
+    hand = 0.0
+    for f in (fi, ft):
+        for x, y in zip(f, labels.tolist()):
+            z = [float(head.fc.weight[c].detach() @ x + head.fc.bias[c].detach()) for c in range(3)]
+            hand += -(z[y] - math.log(sum(math.exp(v) for v in z))) / 2
+    assert float(loss.detach()) == pytest.approx(hand / 2, rel=1e-12)
+    assert set(m) == {"id_loss_img", "id_loss_txt", "id_acc_img", "id_acc_txt"}
+    with pytest.raises(ValueError, match="out of range"):
+        linear_id_loss(head(fi), head(ft), torch.tensor([3, 0]))
+
+
+def test_head_lr_multiplier_is_its_own_param_group():
+    from training.objective import TrainModule
+    from training.optim import build_optimizer, set_lr
+    from fast_clip.id_head import LinearIdHead
+    clip = torch.nn.Module()
+    clip.proj = torch.nn.Linear(4, 4)
+    clip.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    module = TrainModule(clip, LinearIdHead(5, 4))
+    opt = build_optimizer(module, lr=1e-3, wd=0.1, head_lr_mult=5)
+    set_lr(opt, 2e-3)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["id_head"]["lr"] == pytest.approx(1e-2) and by_name["decay"]["lr"] == pytest.approx(2e-3)
+    assert {id(p) for p in by_name["id_head"]["params"]} == {id(p) for p in module.id_head.parameters()}
+    # multiplier 1: no extra group, so optimizer states of earlier runs with a head still load
+    assert "id_head" not in {g["name"] for g in build_optimizer(module, lr=1e-3, wd=0.1).param_groups}

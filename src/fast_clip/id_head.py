@@ -1,4 +1,5 @@
-"""Identity (person-id) classification loss: sub-center ArcFace with one head shared by both modalities.
+"""Identity (person-id) classification losses with one head shared by both modalities: sub-center ArcFace, or IRRA's
+plain linear classifier (``LinearIdHead`` + ``linear_id_loss``).
 
 Public API (the contract with the trainer)::
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from fast_clip.precision import compute_dtype as _compute_dtype
 from fast_clip.precision import no_autocast as _no_autocast
 
-__all__ = ["ArcFaceHead", "arcface_logits", "arcface_loss", "id_loss", "id_loss_from_cos", "count_ids", "check_labels"]
+__all__ = ["ArcFaceHead", "LinearIdHead", "linear_id_loss", "arcface_logits", "arcface_loss", "id_loss", "id_loss_from_cos", "count_ids", "check_labels"]
 
 # sin(theta) = sqrt(1 - c^2) has an infinite derivative at c = +-1; cos is clamped to [-1+eps, 1-eps] inside the sqrt.
 COS_EPS = 1e-6
@@ -100,6 +101,45 @@ class ArcFaceHead(nn.Module):
         return f"num_ids={self.num_ids}, dim={self.dim}, subcenters={self.subcenters}"
 
 
+class LinearIdHead(nn.Module):
+    """IRRA's identity classifier: a linear layer (with bias) on the features, forward(features) -> logits
+    [N, num_ids]; weights N(0, 0.001), bias 0 as there. Trained with plain cross-entropy (:func:`linear_id_loss`)."""
+
+    def __init__(self, num_ids: int, dim: int):
+        super().__init__()
+        if num_ids < 1 or dim < 1:
+            raise ValueError(f"LinearIdHead needs num_ids, dim >= 1, got {num_ids}, {dim}")
+        self.num_ids, self.dim = num_ids, dim
+        self.fc = nn.Linear(dim, num_ids)
+        nn.init.normal_(self.fc.weight, std=0.001)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"LinearIdHead expects features of shape [N, {self.dim}], got {tuple(features.shape)}")
+        with _no_autocast(features.device):
+            dt = _compute_dtype(features, self.fc.weight)
+            return F.linear(features.to(dt), self.fc.weight.to(dt), self.fc.bias.to(dt))
+
+
+def linear_id_loss(logits_img: torch.Tensor, logits_txt: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """½ (CE(image logits) + CE(text logits)) of the shared linear head (IRRA's ID loss), with the metrics of
+    :func:`id_loss_from_cos`."""
+    check_labels(labels, logits_img.shape[1])
+    lab = labels.to(logits_img.device).long()
+    loss_img = F.cross_entropy(logits_img, lab)
+    loss_txt = F.cross_entropy(logits_txt, lab)
+    return 0.5 * (loss_img + loss_txt), _id_metrics(loss_img, loss_txt, logits_img, logits_txt, lab)
+
+
+def _id_metrics(loss_img, loss_txt, out_img, out_txt, lab) -> dict[str, float]:
+    with torch.no_grad():
+        return {"id_loss_img": loss_img.item(), "id_loss_txt": loss_txt.item(),
+                "id_acc_img": (out_img.argmax(dim=1) == lab).float().mean().item(),
+                "id_acc_txt": (out_txt.argmax(dim=1) == lab).float().mean().item()}
+
+
 # ------------------------------------------------------------------------------------------------------- logits
 def arcface_logits(cos: torch.Tensor, labels: torch.Tensor, scale: float, margin: float) -> torch.Tensor:
     """s * cos with the target entry of each row replaced by s * cos(theta_y + m), theta_y = acos(cos_y).
@@ -171,12 +211,4 @@ def id_loss_from_cos(cos_img: torch.Tensor, cos_txt: torch.Tensor, labels: torch
     loss_img = arcface_loss(cos_img, labels, scale, margin)
     loss_txt = arcface_loss(cos_txt, labels, scale, margin)
     loss = 0.5 * (loss_img + loss_txt)
-    with torch.no_grad():
-        lab = labels.to(cos_img.device).long()
-        metrics = {
-            "id_loss_img": loss_img.item(),
-            "id_loss_txt": loss_txt.item(),
-            "id_acc_img": (cos_img.argmax(dim=1) == lab).float().mean().item(),
-            "id_acc_txt": (cos_txt.argmax(dim=1) == lab).float().mean().item(),
-        }
-    return loss, metrics
+    return loss, _id_metrics(loss_img, loss_txt, cos_img, cos_txt, labels.to(cos_img.device).long())

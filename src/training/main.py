@@ -320,9 +320,10 @@ def _train(args, denv) -> int:
     id_head = _id_head(args, model, sets, logger, denv)
     module = TrainModule(model, id_head)
     # Parameter order is the open_clip model's, then the head's: optimizer states of runs without a head still load.
-    optimizer = build_optimizer(module, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+    optimizer = build_optimizer(module, args.lr, args.wd, (args.beta1, args.beta2), args.eps,
+                                head_lr_mult=args.id_head_lr_mult if id_head is not None else 1.0)
     objective = Objective(loss_fn,
-                          IdLossConfig(args.id_loss_weight, args.arcface_scale, args.arcface_margin)
+                          IdLossConfig(args.id_loss_weight, args.arcface_scale, args.arcface_margin, args.id_loss)
                           if id_head is not None else None,
                           teacher=teacher if args.distill == "feature" else None, distill_weight=args.distill_weight)
 
@@ -457,7 +458,7 @@ def _reference_model(args, student, run_dir, logger, denv):
 def _id_head(args, model, sets, logger, denv):
     if args.id_loss == "none":
         return None
-    from fast_clip.id_head import ArcFaceHead
+    from fast_clip.id_head import ArcFaceHead, LinearIdHead
     num_ids = args.num_ids
     foreign = [s.spec for s in sets if not s.ours]
     if foreign:
@@ -469,8 +470,12 @@ def _id_head(args, model, sets, logger, denv):
                              f"{[s.spec for s in sets if s.split_ids is None]}; give --num-ids")
         num_ids = sum(s.split_ids for s in sets)
     dim = model.visual.output_dim
+    lr = f", head lr x{args.id_head_lr_mult:g}"
+    if args.id_loss == "linear":
+        logger.info(f"identity loss: linear classifier over {num_ids} ids, dim {dim}, weight {args.id_loss_weight}{lr}")
+        return LinearIdHead(num_ids, dim).to(denv.device)
     logger.info(f"identity loss: ArcFace over {num_ids} ids, dim {dim}, s {args.arcface_scale}, "
-                f"m {args.arcface_margin}, {args.arcface_subcenters} sub-center(s), weight {args.id_loss_weight}")
+                f"m {args.arcface_margin}, {args.arcface_subcenters} sub-center(s), weight {args.id_loss_weight}{lr}")
     return ArcFaceHead(num_ids, dim, subcenters=args.arcface_subcenters).to(denv.device)
 
 

@@ -56,8 +56,8 @@ class TrainModule(nn.Module):
                 handle.remove()
         out = {"image_features": image_features, "text_features": text_features, "logit_scale": logit_scale}
         if self.id_head is not None:
-            out["image_id_cos"] = self.id_head(image_features)
-            out["text_id_cos"] = self.id_head(text_features)
+            out["image_id"] = self.id_head(image_features)  # ArcFace: cosines; linear: logits
+            out["text_id"] = self.id_head(text_features)
         return out
 
 
@@ -91,6 +91,7 @@ class IdLossConfig:
     weight: float
     scale: float
     margin: float
+    kind: str = "arcface"  # or "linear" (IRRA's classifier: plain cross-entropy on logits)
 
 
 class Objective:
@@ -131,10 +132,13 @@ class Objective:
                                      **kw)
         metrics = dict(metrics)
         if self.id_loss is not None:
-            from fast_clip.id_head import id_loss_from_cos
+            from fast_clip.id_head import id_loss_from_cos, linear_id_loss
             c = self.id_loss
-            id_term, id_metrics = id_loss_from_cos(out["image_id_cos"], out["text_id_cos"], batch["pids"], c.scale,
-                                                   c.margin)
+            if c.kind == "linear":
+                id_term, id_metrics = linear_id_loss(out["image_id"], out["text_id"], batch["pids"])
+            else:
+                id_term, id_metrics = id_loss_from_cos(out["image_id"], out["text_id"], batch["pids"], c.scale,
+                                                       c.margin)
             loss = loss + c.weight * id_term
             metrics.update(id_metrics, id_loss=float(id_term.detach()))
         if teacher is not None:

@@ -12,13 +12,17 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, wd: float, betas=(0.9, 0.98), eps: float = 1e-6,
-                    fused: bool | None = None) -> torch.optim.AdamW:
-    """Three groups: 'decay', 'no_decay' and 'temperature' (the logit scale, so a loss can give it its own lr)."""
-    decay, no_decay, temperature = [], [], []
+                    fused: bool | None = None, head_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    """Three groups: 'decay', 'no_decay' and 'temperature' (the logit scale, so a loss can give it its own lr); with
+    ``head_lr_mult`` != 1 a fourth, 'id_head' (the identity classifier, at that multiple of the lr: a classifier
+    trained from scratch next to an encoder, as IRRA's lr factor for its new modules)."""
+    decay, no_decay, temperature, head = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if "logit_scale" in name:
+        if head_lr_mult != 1.0 and name.startswith("id_head."):
+            head.append(p)
+        elif "logit_scale" in name:
             temperature.append(p)
         elif _no_decay(name, p):
             no_decay.append(p)
@@ -28,6 +32,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, wd: float, betas=(0.9, 0.
         {"params": decay, "weight_decay": wd, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         {"params": temperature, "weight_decay": 0.0, "name": "temperature"},
+        {"params": head, "weight_decay": wd, "name": "id_head", "lr_scale": float(head_lr_mult)},
     ]
     groups = [g for g in groups if g["params"]]
     if fused is None:
@@ -45,4 +50,7 @@ def lr_at(step: int, base_lr: float, warmup: int, total_steps: int, kind: str = 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, temperature_lr: float | None = None) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = temperature_lr if (g.get("name") == "temperature" and temperature_lr is not None) else lr
+        if g.get("name") == "temperature" and temperature_lr is not None:
+            g["lr"] = temperature_lr
+        else:
+            g["lr"] = lr * g.get("lr_scale", 1.0)

@@ -117,10 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Consecutive non-finite losses/gradients tolerated (each step skipped) before stopping.")
 
     i = p.add_argument_group("identity loss and reference model")
-    i.add_argument("--id-loss", choices=["none", "arcface"], default="none",
-                   help="Add an identity classification loss on image and text embeddings (cosine classifier over "
-                        "the training split's person ids, shared by both modalities).")
+    i.add_argument("--id-loss", choices=["none", "arcface", "linear"], default="none",
+                   help="Add an identity classification loss on image and text embeddings, one head over the "
+                        "training split's person ids shared by both modalities: 'arcface' (cosine classifier with an "
+                        "angular margin) or 'linear' (IRRA's linear classifier, plain cross-entropy).")
     i.add_argument("--id-loss-weight", type=float, default=1.0)
+    i.add_argument("--id-head-lr-mult", type=float, default=1.0,
+                   help="The identity head's lr as a multiple of --lr (IRRA trains its new modules at 5x).")
     i.add_argument("--arcface-scale", type=float, default=30.0, help="s: logits are s * cos.")
     i.add_argument("--arcface-margin", type=float, default=0.2, help="m: additive angular margin (radians).")
     i.add_argument("--arcface-subcenters", type=int, default=1, help="K sub-centers per id (max over them).")
@@ -267,6 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             fail("--arcface-subcenters", "must be >= 1")
         if args.id_loss_weight < 0:
             fail("--id-loss-weight", "must be >= 0")
+        if not args.id_head_lr_mult > 0:
+            fail("--id-head-lr-mult", "must be > 0")
     if args.num_ids is not None and args.num_ids < 1:
         fail("--num-ids", "must be >= 1")
     if (args.distill != "none" or args.init_from_ref) and not args.ref_model:
