@@ -53,18 +53,19 @@ def probe_run(run: Path, ts, device="cpu") -> dict:
     tok = get_tokenizer(params["model"])
     img, txt = extract_features(model, tok, build_transform(tuple(params["image_size"]), train=False), ts, device)
     num_ids = int(max(ts.gallery_pids.max(), ts.query_pids.max())) + 1
-    head = _head(params, ck["id_head"], num_ids, img.shape[1])
     gp, qp = torch.as_tensor(ts.gallery_pids), torch.as_tensor(ts.query_pids)
+    mean_img = F.normalize(torch.zeros(num_ids, img.shape[1]).index_add_(0, gp, img), dim=-1)
+    own = float((img * mean_img[gp]).sum(1).mean())  # how tight the persons' images are, with or without a head
+    if not ck.get("id_head"):
+        return {"run": run.name, "id_loss": "none", "cos_image_to_person_mean": own}
+    head = _head(params, ck["id_head"], num_ids, img.shape[1])
     with torch.no_grad():
         acc_img = float((head(img).argmax(1) == gp).float().mean())
         acc_txt = float((head(txt).argmax(1) == qp).float().mean())
         proto = _prototypes(head)
-        mean_img = F.normalize(torch.zeros(num_ids, img.shape[1]).index_add_(0, gp, img), dim=-1)
         mean_txt = F.normalize(torch.zeros(num_ids, txt.shape[1]).index_add_(0, qp, txt), dim=-1)
         cos_img = float((proto * mean_img).sum(1).mean())
         cos_txt = float((proto * mean_txt).sum(1).mean())
-        # how tight the persons are without the head: cos of an image feature to its own person's mean
-        own = float((img * mean_img[gp]).sum(1).mean())
     return {"run": run.name, "id_loss": params.get("id_loss"), "train_id_acc_img": acc_img,
             "train_id_acc_txt": acc_txt, "cos_proto_to_person_img": cos_img, "cos_proto_to_person_txt": cos_txt,
             "cos_image_to_person_mean": own}
@@ -120,6 +121,9 @@ def main(argv=None) -> int:
     print("| run | head | train id acc (img / txt) | cos(prototype, person mean) img / txt | cos(image, person mean) |")
     print("|---|---|---|---|---|")
     for r in rows:
+        if r["id_loss"] == "none":
+            print(f"| {r['run']} | none | – | – | {r['cos_image_to_person_mean']:.3f} |")
+            continue
         print(f"| {r['run']} | {r['id_loss']} | {100 * r['train_id_acc_img']:.1f} / {100 * r['train_id_acc_txt']:.1f} "
               f"| {r['cos_proto_to_person_img']:.3f} / {r['cos_proto_to_person_txt']:.3f} "
               f"| {r['cos_image_to_person_mean']:.3f} |")
