@@ -83,4 +83,23 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-exec "${cmd[@]}"
+# torchrun ends a failed job with its own multi-line report, under which a rank's one-line `error:` would be buried:
+# each rank also writes that line to $FASTCLIP_ERROR_FILE.rank<R>, and the lowest rank's is printed last here.
+export FASTCLIP_ERROR_FILE="${TMPDIR:-/tmp}/fastclip-error-$$"
+rm -f "$FASTCLIP_ERROR_FILE".rank*
+"${cmd[@]}" &
+child=$!
+# Not exec'd any more, so pass a stop on (as SIGTERM: the trainer's graceful stop) and wait for the job to end.
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+set +e
+wait "$child"; rc=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
+set -e
+if [ "$rc" -ne 0 ]; then
+  # a rank's own `error:` line names the cause; the others' are often just the broken collective it left behind
+  first="$(grep -l '^error:' "$FASTCLIP_ERROR_FILE".rank* 2>/dev/null | sort -t k -k 2 -n | head -1 || true)"
+  [ -n "$first" ] || first="$(ls "$FASTCLIP_ERROR_FILE".rank* 2>/dev/null | sort -t k -k 2 -n | head -1 || true)"
+  [ -n "$first" ] && echo "train.sh: rank ${first##*.rank} failed: $(cat "$first")" >&2
+fi
+rm -f "$FASTCLIP_ERROR_FILE".rank*
+exit "$rc"

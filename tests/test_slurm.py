@@ -91,3 +91,35 @@ def test_two_nodes_of_train_sh_on_localhost_train_like_one_node(tmp_path):
     b = torch.load(tmp_path / "two" / "checkpoints" / "epoch_1.pt", weights_only=True)
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_train_sh_prints_a_ranks_error_line_last_and_forwards_sigterm(tmp_path):
+    """A failure after start: torchrun's multi-line report would bury the rank's `error:` line; train.sh prints it
+    last. And train.sh no longer exec's torchrun, so a SIGTERM to it must still reach the trainer's graceful stop."""
+    sh = str(ROOT / "scripts" / "train.sh")
+    env = {**ENV, "EFFECTIVE_BATCH_SIZE": "8", "PYTHON": sys.executable, "NPROC": "1", "TMPDIR": str(tmp_path)}
+    bad = write_shards(str(tmp_path / "bad"), num_ids=4, shard_size=8, corrupt={k: "bad_image" for k in range(16)})
+    r = subprocess.run(["bash", sh, "--train-data", bad["dir"], "--model", "PersonTiny", "--workers", "0",
+                        "--epochs", "1", "--logs-dir", str(tmp_path), "--name", "bad"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("train.sh: rank 0 failed: error: ") and "unusable" in last and "bad_image" in last, last
+    assert not list(tmp_path.glob("fastclip-error-*"))  # the hand-over files are removed
+
+    good = write_shards(str(tmp_path / "good"), num_ids=64, shard_size=64)
+    import signal
+    import time
+    p = subprocess.Popen(["bash", sh, "--train-data", good["dir"], "--model", "PersonTiny", "--workers", "0",
+                          "--epochs", "50", "--logs-dir", str(tmp_path), "--name", "stopped", "--log-every-n-steps",
+                          "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stopped" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"train"') >= 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    summary = __import__("json").loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert summary["status"] == "stopped by SIGTERM", err[-2000:]
+    assert (tmp_path / "stopped" / "checkpoints" / "latest.pt").is_file()

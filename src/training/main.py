@@ -92,6 +92,19 @@ def _prepare_run_dir(args) -> str:
     return run_dir
 
 
+def _tell_launcher(message: str) -> None:
+    """scripts/train.sh prints the lowest rank's line of this file last, below torchrun's own failure report."""
+    path = os.environ.get("FASTCLIP_ERROR_FILE")
+    lines = message.rstrip().splitlines()
+    if not path or not lines:
+        return
+    try:
+        with open(f"{path}.rank{os.environ.get('RANK', '0')}", "w", encoding="utf-8") as f:
+            f.write(lines[-1] + "\n")
+    except OSError:
+        pass
+
+
 def _record_fatal(args, message: str) -> None:
     """A run that ends in an error says so in its own folder: the message (or traceback) at the end of out.log and
     in summary.json. Only once the folder is this run's (not for a refused name or a held lock)."""
@@ -252,10 +265,12 @@ def main(argv=None) -> int:
     except SystemExit as e:
         if isinstance(e.code, str):
             _record_fatal(args, e.code)
+            _tell_launcher(e.code)
         raise
     except Exception:
         import traceback
         _record_fatal(args, traceback.format_exc())
+        _tell_launcher(traceback.format_exc())
         raise
     finally:
         stop.uninstall()
