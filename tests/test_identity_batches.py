@@ -106,7 +106,8 @@ def test_trainer_runs_identity_aware_balanced_batches(tmp_path):
     info = write_shards(str(tmp_path / "d"), num_ids=16, shard_size=16)
     run_main("--train-data", info["dir"], "--model", "PersonTiny", "--batch-size", 8, "--workers", 2, "--epochs", 1,
              "--logs-dir", tmp_path, "--name", "pk", "--warmup", 1, "--log-keys", "--log-every-n-steps", 1,
-             "--loss", "fastclip-v3", "--id-positives", "--pairs-per-id", 4, "--no-augment")
+             "--loss", "fastclip-v3", "--id-positives", "--pairs-per-id", 4, "--no-augment",
+             "--profile", "--profile-steps", 1, 1, 2)  # (the profiler rides along: one run fewer in the suite)
     rows = [json.loads(l) for l in open(tmp_path / "pk" / "keys_rank0.jsonl")]
     assert len(rows) == 8
     for r in rows:  # key // 4 is the person: two persons x four pairs per batch
@@ -114,3 +115,6 @@ def test_trainer_runs_identity_aware_balanced_batches(tmp_path):
     logs = [json.loads(l) for l in open(tmp_path / "pk" / "train_log.jsonl")]
     positives = [r["positives"] for r in logs if r.get("kind") == "train" and "positives" in r]
     assert positives and all(p == 4 for p in positives)   # each anchor has its person's 4 pairs as positives
+    traces = list((tmp_path / "pk" / "traces").glob("rank0*.pt.trace.json"))
+    assert len(traces) == 1 and '"traceEvents"' in traces[0].read_text()[:2000]
+    assert "profile of 2 steps" in (tmp_path / "pk" / "out.log").read_text()

@@ -84,6 +84,7 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
     class Hooks:
         def log(self, *a): pass
         def log_keys(self, *a): pass
+        def step_done(self): pass
         def warn(self, m): warnings.append(m)
         def save(self, state): saved.append(state.global_step)
         def stop_requested(self): return False

@@ -135,6 +135,11 @@ class Hooks:
         self._keys_file = None
         if args.log_keys:
             self._keys_file = open(os.path.join(run_dir, f"keys_rank{dist_utils.rank()}.jsonl"), "a")
+        self.profiler = _profiler(args, run_dir, logger) if args.profile and dist_utils.is_main() else None
+
+    def step_done(self) -> None:
+        if self.profiler is not None:
+            self.profiler.step()
 
     def warn(self, msg: str) -> None:
         self.logger.warning(msg)
@@ -199,6 +204,32 @@ class Hooks:
     def close(self) -> None:
         if self._keys_file is not None:
             self._keys_file.close()
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
+
+def _profiler(args, run_dir: str, logger):
+    """--profile: torch.profiler over steps WAIT+1 .. WAIT+WARMUP+ACTIVE of rank 0 (the official FastCLIP code's
+    schedule by default), a trace for TensorBoard / Perfetto in RUN/traces and the top operators in out.log."""
+    wait, warmup, active = args.profile_steps
+    trace_dir = os.path.join(run_dir, "traces")
+    to_tensorboard = torch.profiler.tensorboard_trace_handler(trace_dir, worker_name="rank0")
+
+    def on_ready(prof):
+        to_tensorboard(prof)
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        logger.info(f"profile of {active} steps (trace in {trace_dir}):\n"
+                    + prof.key_averages().table(sort_by=sort, row_limit=15))
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=False,
+                                  schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+                                  on_trace_ready=on_ready)
+    prof.start()
+    return prof
 
 
 def _resume(args, hooks: Hooks, logger) -> TrainState:

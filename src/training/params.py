@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Write epoch_N.pt every N epochs and at the last epoch (0: none; latest.pt is always written).")
     c.add_argument("--report-to", default="", help="'tensorboard' to write event files.")
     c.add_argument("--log-every-n-steps", type=int, default=10)
+    c.add_argument("--profile", action="store_true",
+                   help="torch.profiler on rank 0 over the steps of --profile-steps: a trace in RUN/traces "
+                        "(TensorBoard / Perfetto) and the top operators in out.log (the official FastCLIP flag).")
+    c.add_argument("--profile-steps", type=int, nargs=3, default=(10, 2, 10), metavar=("WAIT", "WARMUP", "ACTIVE"),
+                   help="Profiler schedule: skip WAIT steps, warm up WARMUP, record ACTIVE.")
     c.add_argument("--log-keys", action="store_true",
                    help="Write the pair keys of every batch to logs/NAME/keys_rankR.jsonl (audits sample order).")
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto, cpu or cuda.")
@@ -214,6 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("--save-frequency", "must be >= 0")
     if args.keep_last_k < 0:
         fail("--keep-last-k", "must be >= 0")
+    if args.profile and (min(args.profile_steps) < 0 or args.profile_steps[2] < 1):
+        fail("--profile-steps", f"WAIT WARMUP ACTIVE must be >= 0 with ACTIVE >= 1, got {list(args.profile_steps)}")
     if args.shuffle_buffer < 1:
         fail("--shuffle-buffer", "must be >= 1")
     if args.pairs_per_id and (args.pairs_per_id < 2 or args.batch_size % args.pairs_per_id

@@ -116,6 +116,7 @@ def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg,
         out = train_step(model, objective, optimizer, batch, device, cfg.precision, cfg.grad_clip_norm,
                          cfg.accum_chunks, mix)
         step_time = time.perf_counter() - t0
+        hooks.step_done()
         hooks.log_keys(state, batch["keys"])
         state.bad_samples.update(batch.get("bad", {}))
         state.source_counts.update(batch["sources"].tolist())
