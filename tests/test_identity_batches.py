@@ -5,7 +5,6 @@ import random
 from collections import Counter
 
 import pytest
-import torch
 
 from fast_clip.model import get_tokenizer
 from fast_clip.transforms import build_transform, clean_caption

@@ -24,7 +24,6 @@ def _negative_counts(pids_all: torch.Tensor) -> torch.Tensor:
     return (B - same).clamp_min(1)
 
 
-
 def estimator_update(old: torch.Tensor, g: torch.Tensor, gamma: float, official: bool,
                      rescale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """u_new = (1-gamma) u_old + gamma g, entry by entry, with the reset rule of each rule set: official, to g where
@@ -188,7 +187,7 @@ class GCLLoss(ContrastiveLoss):
             raise ValueError(f"--mixup-beta works with --loss openclip only: {self.cfg.loss} keeps one estimator per "
                              f"training pair, and a mixed sample is not one pair")
         if self.cfg.id_positives and pids is None:
-            raise ValueError(f"--id-positives needs the person ids of the batch (pids=...)")
+            raise ValueError("--id-positives needs the person ids of the batch (pids=...)")
         with _no_autocast(image_features.device):
             return self._forward(image_features, text_features, logit_scale, keys,
                                  pids if self.cfg.id_positives else None)
@@ -220,7 +219,7 @@ class GCLLoss(ContrastiveLoss):
                              f"[{int(keys_all.min())}, {int(keys_all.max())}]")
         # Identity-aware negatives (--id-positives): N_i = the pairs of the global batch showing another person than
         # pair i; g_i is the mean over N_i, so each row has its own count n_i (B - 1 without ids, or for pid -1).
-        ids_loc = ids_rem = None
+        ids_loc = None
         if pids is not None:
             pids = pids.to(device=dev, dtype=torch.long).reshape(-1)
             if pids.numel() != b:
