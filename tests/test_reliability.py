@@ -152,13 +152,28 @@ def test_pickled_code_payload_is_refused_never_run(tmp_path):
     assert not marker.exists()
 
 
+def _restart_args(shards_dir, logs):
+    return ["--train-data", shards_dir, "--model", "PersonTiny", "--batch-size", 4, "--workers", 1, "--epochs", 2,
+            "--logs-dir", logs, "--warmup", 1, "--loss", "fastclip-v3", "--local-loss", "--save-every-n-steps", 2,
+            "--resume", "latest"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run both restart tests must end at: the same job without a crash (one run for both rendezvous kinds)."""
+    root = tmp_path_factory.mktemp("restart")
+    info = write_shards(str(root / "s"), num_ids=32, shard_size=16)
+    base = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run(base + [MAIN, *map(str, _restart_args(info["dir"], root)), "--name", "clean"], env=ENV, check=True,
+                   capture_output=True, timeout=240)
+    return info["dir"], root / "clean"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["static", "standalone"])
-def test_torchrun_restarts_a_dead_rank_and_resumes(tmp_path, rendezvous):
-    info = write_shards(str(tmp_path / "s"), num_ids=32, shard_size=16)
-    common = ["--train-data", info["dir"], "--model", "PersonTiny", "--batch-size", 4, "--workers", 1,
-              "--epochs", 2, "--logs-dir", tmp_path, "--warmup", 1, "--loss", "fastclip-v3", "--local-loss",
-              "--save-every-n-steps", 2, "--resume", "latest"]
+def test_torchrun_restarts_a_dead_rank_and_resumes(tmp_path, rendezvous, uninterrupted):
+    shards_dir, clean = uninterrupted
+    common = _restart_args(shards_dir, tmp_path)
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -168,8 +183,6 @@ def test_torchrun_restarts_a_dead_rank_and_resumes(tmp_path, rendezvous):
     rdzv = (["--master_addr", "127.0.0.1", "--master_port", str(port)] if rendezvous == "static"
             else ["--standalone"])
     base = [PY, "-m", "torch.distributed.run", "--nnodes", "1", *rdzv, "--nproc_per_node", "2"]
-    subprocess.run(base + [MAIN, *map(str, common), "--name", "clean"], env=ENV, check=True, capture_output=True,
-                   timeout=240)
     proc = subprocess.Popen(base + ["--max-restarts", "2", MAIN, *map(str, common), "--name", "crash"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest = tmp_path / "crash" / "checkpoints" / "latest.pt"
@@ -185,7 +198,7 @@ def test_torchrun_restarts_a_dead_rank_and_resumes(tmp_path, rendezvous):
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    a = torch.load(tmp_path / "clean" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    a = torch.load(clean / "checkpoints" / "epoch_2.pt", weights_only=True)
     b = torch.load(tmp_path / "crash" / "checkpoints" / "epoch_2.pt", weights_only=True)
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
