@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from fast_clip import collectives as dist_utils
 from fast_clip.losses.config import INFONCE_FAMILY, STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
 from fast_clip.schedules import warmup_cosine
 
@@ -67,6 +68,15 @@ class ContrastiveLoss(nn.Module):
         if below:
             self.tau_lr_dropped.fill_(True)
         return lr_tau / STEP_THRESH_FACTOR if bool(self.tau_lr_dropped) else lr_tau
+
+    def _gather_pids(self, pids, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """--id-positives: this rank's person ids (b,) and those of the global batch (B,), gathered like the keys."""
+        if pids is None:
+            raise ValueError("--id-positives needs the person ids of the batch (pids=...)")
+        local = pids.to(device=device, dtype=torch.long).reshape(-1)
+        if local.numel() != b:
+            raise ValueError(f"pids has {local.numel()} entries for a batch of {b}")
+        return local, dist_utils.all_gather_no_grad(local)
 
     def _global_tau(self, logit_scale, dtype, device) -> torch.Tensor:
         """tau = 1/logit_scale (live) for global_learnable, the fixed --temperature otherwise."""

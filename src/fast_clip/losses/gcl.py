@@ -9,21 +9,12 @@ from fast_clip import collectives as dist_utils
 from fast_clip.losses.base import ContrastiveLoss
 from fast_clip.losses.config import (TAU_GRAD_CLAMP, TAU_MAX, TAU_MIN, U_RESET_BELOW, U_RESET_BELOW_OFFICIAL,
                                      LossConfig, state_placement)
-from fast_clip.losses.kernels import (BLOCK_LOGITS, _exp_row_stats, _exp_rows, _scale_grad, _weighted_exp_sum)
+from fast_clip.losses.kernels import (BLOCK_LOGITS, _exp_row_stats, _exp_rows, _scale_grad, _weighted_exp_sum,
+                                      same_person_counts)
 from fast_clip.precision import compute_dtype as _compute_dtype
 from fast_clip.precision import no_autocast as _no_autocast
 
 # ------------------------------------------------------------------------------------------------ pure update rules
-def _negative_counts(pids_all: torch.Tensor) -> torch.Tensor:
-    """n_i = the number of pairs of the global batch that show another person than pair i (B - 1 for an unknown
-    pid, -1), at least 1 so that a batch of one person gives g = 0 rather than 0/0. From the pid counts, never a
-    B x B matrix."""
-    B = pids_all.numel()
-    _, inv, counts = torch.unique(pids_all, return_inverse=True, return_counts=True)
-    same = torch.where(pids_all >= 0, counts[inv], torch.ones_like(inv))
-    return (B - same).clamp_min(1)
-
-
 def estimator_update(old: torch.Tensor, g: torch.Tensor, gamma: float, official: bool,
                      rescale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """u_new = (1-gamma) u_old + gamma g, entry by entry, with the reset rule of each rule set: official, to g where
@@ -186,11 +177,8 @@ class GCLLoss(ContrastiveLoss):
         if mix_alpha is not None:
             raise ValueError(f"--mixup-beta works with --loss openclip only: {self.cfg.loss} keeps one estimator per "
                              f"training pair, and a mixed sample is not one pair")
-        if self.cfg.id_positives and pids is None:
-            raise ValueError("--id-positives needs the person ids of the batch (pids=...)")
         with _no_autocast(image_features.device):
-            return self._forward(image_features, text_features, logit_scale, keys,
-                                 pids if self.cfg.id_positives else None)
+            return self._forward(image_features, text_features, logit_scale, keys, pids)
 
     def _forward(self, image_features, text_features, logit_scale, keys, pids=None):
         if keys is None:
@@ -218,14 +206,12 @@ class GCLLoss(ContrastiveLoss):
             raise ValueError(f"keys must lie in [0, {self.data_size}) (--data_size); got range "
                              f"[{int(keys_all.min())}, {int(keys_all.max())}]")
         # Identity-aware negatives (--id-positives): N_i = the pairs of the global batch showing another person than
-        # pair i; g_i is the mean over N_i, so each row has its own count n_i (B - 1 without ids, or for pid -1).
+        # pair i; g_i is the mean over N_i, so each row has its own count n_i (B - 1 without ids, or for pid -1),
+        # at least 1 so that a global batch of one person gives g = 0 rather than 0/0.
         ids_loc = None
-        if pids is not None:
-            pids = pids.to(device=dev, dtype=torch.long).reshape(-1)
-            if pids.numel() != b:
-                raise ValueError(f"pids has {pids.numel()} entries for a batch of {b}")
-            pids_all = dist_utils.all_gather_no_grad(pids)
-            denom_all = _negative_counts(pids_all).to(dt)
+        if cfg.id_positives:
+            pids, pids_all = self._gather_pids(pids, b, dev)
+            denom_all = (B - same_person_counts(pids_all)).clamp_min(1).to(dt)
             ids_loc = (pids, pids_all)
         else:
             denom_all = torch.full((B,), float(B - 1), dtype=dt, device=dev)
@@ -390,6 +376,6 @@ class GCLLoss(ContrastiveLoss):
         loss = surrogate - surrogate.detach() + value.to(dt)
         metrics = {"loss_value": m[0], "tau": m[1], "gamma": gamma, "u1_mean": m[2], "u2_mean": m[3],
                    "g1_mean": m[4], "g2_mean": m[5]}
-        if pids is not None:  # the mean number of positives per anchor (B - n_i; 1 = no other pair of the person)
+        if ids_loc is not None:  # the mean number of positives per anchor (B - n_i; 1 = no other pair of the person)
             metrics["positives"] = float(B - denom_loc.mean())
         return loss, metrics

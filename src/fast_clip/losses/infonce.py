@@ -9,7 +9,7 @@ import torch
 from fast_clip import collectives as dist_utils
 from fast_clip.losses.base import ContrastiveLoss
 from fast_clip.losses.config import LossConfig
-from fast_clip.losses.kernels import blocked_cross_entropy, blocked_identity_loss
+from fast_clip.losses.kernels import blocked_cross_entropy, blocked_identity_loss, same_person_counts
 from fast_clip.precision import compute_dtype as _compute_dtype
 from fast_clip.precision import no_autocast as _no_autocast
 
@@ -29,44 +29,13 @@ class OpenClipLoss(ContrastiveLoss):
 
     def forward(self, image_features, text_features, logit_scale, keys=None, mix_alpha=None, pids=None):
         with _no_autocast(image_features.device):
-            if self.cfg.id_positives or self.cfg.loss == "sdm":
-                return self._identity_forward(image_features, text_features, logit_scale, mix_alpha, pids)
-            return self._forward(image_features, text_features, logit_scale, mix_alpha)
+            return self._forward(image_features, text_features, logit_scale, mix_alpha, pids)
 
-    def _identity_forward(self, image_features, text_features, logit_scale, mix_alpha, pids):
-        """Several positives per anchor: with --id-positives every column of the anchor's person (its own pair
-        always); without, the own pair only (then ``openclip`` is the plain loss above and ``sdm`` a KL to it).
-        multi-positive: -sum_j t_ij log p_ij with t uniform over the positives (TBPS-CLIP); sdm: KL(p_i || t_i)."""
-        if mix_alpha is not None:
+    def _forward(self, image_features, text_features, logit_scale, mix_alpha=None, pids=None):
+        several = self.cfg.id_positives or self.cfg.loss == "sdm"  # the targets are a distribution per anchor
+        if several and mix_alpha is not None:
             raise ValueError("--mixup-beta does not combine with --id-positives or --loss sdm: a mixed sample shows "
                              "two people")
-        dt = _compute_dtype(image_features, text_features)
-        e1, e2 = image_features.to(dt), text_features.to(dt)
-        b = e1.shape[0]
-        scale = 1.0 / self._global_tau(logit_scale, dt, e1.device)
-        all1 = dist_utils.all_gather_with_grad(e1)
-        all2 = dist_utils.all_gather_with_grad(e2)
-        row_pids = col_pids = None
-        metrics = {}
-        if self.cfg.id_positives:
-            if pids is None:
-                raise ValueError("--id-positives needs the person ids of the batch (pids=...)")
-            row_pids = pids.to(device=e1.device, dtype=torch.long).reshape(-1)
-            if row_pids.numel() != b:
-                raise ValueError(f"pids has {row_pids.numel()} entries for a batch of {b}")
-            col_pids = dist_utils.all_gather_no_grad(row_pids)
-            with torch.no_grad():  # the mean number of positives per anchor (1 = no other pair of the same person)
-                known = row_pids >= 0
-                same = (row_pids[:, None] == col_pids[None, :]).sum(1)
-                metrics["positives"] = float(torch.where(known, same, torch.ones_like(same)).float().mean())
-        sdm = self.cfg.loss == "sdm"
-        off = dist_utils.rank() * b
-        # the same-person relation is symmetric, so the text-anchor rows use the same pids as the image-anchor rows
-        loss = 0.5 * (blocked_identity_loss(e1, all2, scale, off, sdm, row_pids, col_pids)
-                      + blocked_identity_loss(e2, all1, scale, off, sdm, row_pids, col_pids))
-        return loss, {"tau": float(1.0 / scale.detach()), "gamma": 1.0, **metrics}
-
-    def _forward(self, image_features, text_features, logit_scale, mix_alpha=None):
         dt = _compute_dtype(image_features, text_features)
         e1 = image_features.to(dt)
         e2 = text_features.to(dt)
@@ -75,14 +44,30 @@ class OpenClipLoss(ContrastiveLoss):
         scale = 1.0 / tau
         all1 = dist_utils.all_gather_with_grad(e1)
         all2 = dist_utils.all_gather_with_grad(e2)
-        if mix_alpha is None:
-            labels = torch.arange(b, device=e1.device) + dist_utils.rank() * b
-        else:
-            labels = mixup_targets(b, dist_utils.rank(), dist_utils.world_size(), mix_alpha, e1.device, dt)
-        # The mixup target matrix is symmetric (the reversal pairs i with b-1-i both ways), so the text-anchor rows
-        # use the same targets as the image-anchor rows.
-        loss = 0.5 * (blocked_cross_entropy(e1, all2, scale, labels) + blocked_cross_entropy(e2, all1, scale, labels))
-        return loss, {"tau": float(tau.detach()), "gamma": 1.0}
+        off = dist_utils.rank() * b
+        metrics = {"tau": float(tau.detach()), "gamma": 1.0}
+        if not several:
+            if mix_alpha is None:
+                labels = torch.arange(b, device=e1.device) + off
+            else:
+                labels = mixup_targets(b, dist_utils.rank(), dist_utils.world_size(), mix_alpha, e1.device, dt)
+            # The mixup target matrix is symmetric (the reversal pairs i with b-1-i both ways), so the text-anchor
+            # rows use the same targets as the image-anchor rows.
+            loss = 0.5 * (blocked_cross_entropy(e1, all2, scale, labels)
+                          + blocked_cross_entropy(e2, all1, scale, labels))
+            return loss, metrics
+        # Several positives per anchor: with --id-positives every column of the anchor's person (its own pair always);
+        # without, the own pair only (sdm is then a KL to it). multi-positive: -sum_j t_ij log p_ij with t uniform
+        # over the positives (TBPS-CLIP); sdm: KL(p_i || t_i). The same-person relation is symmetric, so the
+        # text-anchor rows use the same pids as the image-anchor rows.
+        row_pids = col_pids = None
+        if self.cfg.id_positives:
+            row_pids, col_pids = self._gather_pids(pids, b, e1.device)
+            metrics["positives"] = float(same_person_counts(col_pids)[off:off + b].float().mean())
+        sdm = self.cfg.loss == "sdm"
+        loss = 0.5 * (blocked_identity_loss(e1, all2, scale, off, sdm, row_pids, col_pids)
+                      + blocked_identity_loss(e2, all1, scale, off, sdm, row_pids, col_pids))
+        return loss, metrics
 
 
 def mixup_targets(b: int, rank: int, world: int, alpha: float, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -19,6 +19,18 @@ def _row_blocks(n: int, m: int, max_logits: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
+def _checkpointed_row_sum(rows_sum, n: int, m: int, max_logits: int, block_args) -> torch.Tensor:
+    """sum over the row blocks [a, z) of _row_blocks(n, m, max_logits) of rows_sum(*block_args(a, z)), each block
+    under activation checkpointing: the forward keeps one block's matrices at a time and the backward recomputes
+    them. The one loop behind every row-blocked kernel of the losses."""
+    from torch.utils.checkpoint import checkpoint
+    total = None
+    for a, z in _row_blocks(n, m, max_logits):
+        part = checkpoint(rows_sum, *block_args(a, z), use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
 def _ce_rows(anchors, others, scale, targets):
     return F.cross_entropy(scale * anchors @ others.t(), targets, reduction="sum")
 
@@ -30,11 +42,8 @@ def blocked_cross_entropy(anchors: torch.Tensor, others: torch.Tensor, scale: to
     n, m = anchors.shape[0], others.shape[0]
     if n * m <= max_logits or not torch.is_grad_enabled():
         return F.cross_entropy(scale * anchors @ others.t(), targets)
-    from torch.utils.checkpoint import checkpoint
-    total = anchors.new_zeros(())
-    for a, z in _row_blocks(n, m, max_logits):
-        total = total + checkpoint(_ce_rows, anchors[a:z], others, scale, targets[a:z], use_reentrant=False)
-    return total / n
+    return _checkpointed_row_sum(_ce_rows, n, m, max_logits,
+                                 lambda a, z: (anchors[a:z], others, scale, targets[a:z])) / n
 
 
 # IRRA's SDM adds this to the label distribution inside the log, so that log q is finite off the positives.
@@ -71,12 +80,15 @@ def blocked_identity_loss(anchors: torch.Tensor, others: torch.Tensor, scale: to
     n, m = anchors.shape[0], others.shape[0]
     if n * m <= max_logits or not torch.is_grad_enabled():
         return _identity_rows(anchors, others, scale, own_start, sdm, row_pids, col_pids) / n
-    from torch.utils.checkpoint import checkpoint
-    total = anchors.new_zeros(())
-    for a, z in _row_blocks(n, m, max_logits):
-        total = total + checkpoint(_identity_rows, anchors[a:z], others, scale, own_start + a, sdm,
-                                   None if row_pids is None else row_pids[a:z], col_pids, use_reentrant=False)
-    return total / n
+    return _checkpointed_row_sum(_identity_rows, n, m, max_logits, lambda a, z: (
+        anchors[a:z], others, scale, own_start + a, sdm, None if row_pids is None else row_pids[a:z], col_pids)) / n
+
+
+def same_person_counts(pids: torch.Tensor) -> torch.Tensor:
+    """For each pair of the batch, how many of its pairs show that pair's person, itself included (1 for an unknown
+    pid, -1): from the pid counts, never a B x B matrix."""
+    _, inv, counts = torch.unique(pids, return_inverse=True, return_counts=True)
+    return torch.where(pids >= 0, counts[inv], torch.ones_like(inv))
 
 
 def same_identity(row_pids: torch.Tensor, col_pids: torch.Tensor) -> torch.Tensor:
@@ -171,12 +183,11 @@ def _weighted_exp_sum(anchors, cands, pos, tau, weights, diag_start: Optional[in
     n, m = anchors.shape[0], cands.shape[0]
     if n * m <= max_logits or not torch.is_grad_enabled():
         return _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift, *(ids or (None, None)))
-    from torch.utils.checkpoint import checkpoint
-    total = anchors.new_zeros(())
-    for a, z in _row_blocks(n, m, max_logits):
+
+    def block(a, z):
         sl = slice(a, z)
-        total = total + checkpoint(_weighted_rows, anchors[sl], cands, pos[sl], _per_row(tau, sl), weights[sl],
-                                   None if diag_start is None else diag_start + a,
-                                   None if shift is None else shift[sl], *(_ids_rows(ids, sl) or (None, None)),
-                                   use_reentrant=False)
-    return total
+        return (anchors[sl], cands, pos[sl], _per_row(tau, sl), weights[sl],
+                None if diag_start is None else diag_start + a, None if shift is None else shift[sl],
+                *(_ids_rows(ids, sl) or (None, None)))
+
+    return _checkpointed_row_sum(_weighted_rows, n, m, max_logits, block)
