@@ -40,6 +40,24 @@ def test_launcher_env_rules():
         launcher_env({**step, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _both_succeed_at_the_parameters_of(procs, reference, run) -> list[str]:
+    """Wait for the two launched processes of one world, require both to succeed, and the run's final parameters to
+    equal the reference run's bit for bit; returns their outputs."""
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    a = torch.load(reference / "checkpoints" / "epoch_1.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "epoch_1.pt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
+    return outs
+
+
 @pytest.mark.slow
 def test_simulated_two_task_srun_trains_like_torchrun(tmp_path):
     shards = write_shards(str(tmp_path / "d"), num_ids=8, shard_size=8)
@@ -48,22 +66,15 @@ def test_simulated_two_task_srun_trains_like_torchrun(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAIN,
                         *args, "--name", "torchrun"], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = [subprocess.Popen([sys.executable, MAIN, *args, "--name", "srun"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**ENV, "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
                                    "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "localhost",
                                    "MASTER_PORT": str(port)})
              for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    outs = _both_succeed_at_the_parameters_of(procs, tmp_path / "torchrun", tmp_path / "srun")
     assert "| world 2 |" in outs[0]
-    a = torch.load(tmp_path / "torchrun" / "checkpoints" / "epoch_1.pt", weights_only=True)
-    b = torch.load(tmp_path / "srun" / "checkpoints" / "epoch_1.pt", weights_only=True)
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
 
 
 @pytest.mark.slow
@@ -78,19 +89,12 @@ def test_two_nodes_of_train_sh_on_localhost_train_like_one_node(tmp_path):
     r = subprocess.run(["bash", sh, *args, "--name", "one"], env={**env, "NPROC": "2"}, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     nodes = [subprocess.Popen(["bash", sh, *args, "--name", "two"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**env, "NPROC": "1", "NNODES": "2", "NODE_RANK": str(i),
                                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    a = torch.load(tmp_path / "one" / "checkpoints" / "epoch_1.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "checkpoints" / "epoch_1.pt", weights_only=True)
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, atol=0, rtol=0, msg=k)
+    _both_succeed_at_the_parameters_of(nodes, tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow

@@ -231,14 +231,18 @@ def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
         pos += count
 
 
+def global_pid(pid, sset: ShardSet) -> int:
+    """A json pid as a global person id: + the set's offset, so that two '::' sets never share one; -1 (unknown)
+    for a missing or negative pid."""
+    return pid + sset.pid_offset if isinstance(pid, int) and pid >= 0 else -1
+
+
 def raw_pid(raw: dict, sset: ShardSet) -> int:
-    """The global person id of a raw sample (its json's pid + the set's offset; -1 when it has none), read before
-    decoding so that the identity grouping can use it. The decoder reads it the same way."""
+    """The global person id of a raw sample, read before decoding so that the identity grouping can use it."""
     try:
-        pid = json.loads(raw["json"].decode("utf-8")).get("pid")
+        return global_pid(json.loads(raw["json"].decode("utf-8")).get("pid"), sset)
     except (KeyError, AttributeError, UnicodeDecodeError, json.JSONDecodeError):
         return -1
-    return pid + sset.pid_offset if isinstance(pid, int) and pid >= 0 else -1
 
 
 def identity_groups(items, k: int, rng: random.Random, max_pending: int, pid_of):
@@ -380,9 +384,7 @@ class SampleDecoder:
                 im = im.convert("RGB")
         except Exception:  # PIL raises many types for corrupt data
             raise _BadSample("bad_image", f".{ext} does not decode")
-        pid = meta.get("pid") if meta is not None else None
-        pid = pid + sset.pid_offset if isinstance(pid, int) and pid >= 0 else -1
-        return im, text, key, pid
+        return im, text, key, global_pid(meta.get("pid") if meta is not None else None, sset)
 
 
 class _BadSample(Exception):

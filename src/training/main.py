@@ -92,6 +92,12 @@ def _prepare_run_dir(args) -> str:
     return run_dir
 
 
+def _report_fatal(args, message: str) -> None:
+    """Where a fatal error goes: the run's own folder (rank 0) and the launcher (every rank)."""
+    _record_fatal(args, message)
+    _tell_launcher(message)
+
+
 def _tell_launcher(message: str) -> None:
     """scripts/train.sh prints the lowest rank's line of this file last, below torchrun's own failure report."""
     path = os.environ.get("FASTCLIP_ERROR_FILE")
@@ -295,13 +301,11 @@ def main(argv=None) -> int:
         return _train(args, denv)
     except SystemExit as e:
         if isinstance(e.code, str):
-            _record_fatal(args, e.code)
-            _tell_launcher(e.code)
+            _report_fatal(args, e.code)
         raise
     except Exception:
         import traceback
-        _record_fatal(args, traceback.format_exc())
-        _tell_launcher(traceback.format_exc())
+        _report_fatal(args, traceback.format_exc())
         raise
     finally:
         stop.uninstall()
