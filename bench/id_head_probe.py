@@ -22,6 +22,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
+from evaluation.evaluate import load_model, resolve_run  # noqa: E402
 from evaluation.extract import extract_features, load_test_set  # noqa: E402
 from fast_clip.id_head import ArcFaceHead, LinearIdHead, arcface_loss  # noqa: E402
 from fast_clip.losses import LossConfig, build_loss  # noqa: E402
@@ -44,14 +45,11 @@ def _prototypes(head) -> torch.Tensor:
 
 
 def probe_run(run: Path, ts, device="cpu") -> dict:
-    params = json.loads((run / "params.json").read_text())
-    ckpts = sorted((run / "checkpoints").glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    ck = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
-    model = create_model(params["model"], image_size=tuple(params["image_size"]) if params.get("image_size") else None)
-    model.load_state_dict(ck["state_dict"])
-    model.eval()
-    tok = get_tokenizer(params["model"])
-    img, txt = extract_features(model, tok, build_transform(tuple(params["image_size"]), train=False), ts, device)
+    # the evaluator's run reading: its final epoch_N.pt, its model name and image size
+    params, ckpt, _, name, image_size = resolve_run(str(run), None, None, None)
+    model = load_model(name, ckpt, image_size, device).eval()
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)  # the identity head sits beside the state_dict
+    img, txt = extract_features(model, get_tokenizer(name), build_transform(tuple(image_size), train=False), ts, device)
     num_ids = int(max(ts.gallery_pids.max(), ts.query_pids.max())) + 1
     gp, qp = torch.as_tensor(ts.gallery_pids), torch.as_tensor(ts.query_pids)
     mean_img = F.normalize(torch.zeros(num_ids, img.shape[1]).index_add_(0, gp, img), dim=-1)
