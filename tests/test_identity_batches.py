@@ -119,3 +119,18 @@ def test_trainer_runs_identity_aware_balanced_batches(tmp_path):
     traces = list((tmp_path / "pk" / "traces").glob("rank0*.pt.trace.json"))
     assert len(traces) == 1 and '"traceEvents"' in traces[0].read_text()[:2000]
     assert "profile of 2 steps" in (tmp_path / "pk" / "out.log").read_text()
+
+
+def test_identity_flags_are_checked_before_training(capsys):
+    """Each bad combination is one argparse error naming the flag, before any process starts."""
+    from training.params import parse_args
+    for argv, flag in ((["--batch-size", "8", "--pairs-per-id", "3"], "--pairs-per-id"),
+                       (["--batch-size", "8", "--pairs-per-id", "8"], "--pairs-per-id"),
+                       (["--loss", "openclip", "--id-positives", "--mixup-beta", "1"], "--mixup-beta"),
+                       (["--loss", "sdm", "--mixup-beta", "1"], "--mixup-beta"),
+                       (["--id-loss", "linear", "--id-head-lr-mult", "0"], "--id-head-lr-mult"),
+                       (["--profile", "--profile-steps", "1", "1", "0"], "--profile-steps")):
+        with pytest.raises(SystemExit):
+            parse_args(["--train-data", "x", *argv])
+        err = capsys.readouterr().err
+        assert flag in err and "Traceback" not in err, (argv, err)

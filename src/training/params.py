@@ -297,4 +297,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mixup_beta and not LOSSES[args.loss_config.loss].supports_mixup:
         fail("--mixup-beta", f"works with --loss openclip only (got {args.loss_config.loss}: the FastCLIP losses keep "
                              f"one estimator per training pair, and a mixed sample is not one pair)")
+    if args.mixup_beta and (args.loss_config.id_positives or args.loss_config.loss == "sdm"):
+        fail("--mixup-beta", "does not combine with --id-positives or --loss sdm: a mixed sample shows two people")
     return args
