@@ -68,18 +68,35 @@ class FileImageLoader:
         protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
         self.local = "file" in protocols
         self.real_root = os.path.realpath(root) if self.local else None
+        self._real_dirs: dict[str, str] = {}  # a folder's real path, resolved once (datasets keep many per folder)
+
+    def _real(self, path: str) -> str:
+        """os.path.realpath(path) for a path without '.' / '..' parts (records.safe_relpath keeps them out)."""
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        folder, name = os.path.split(path)
+        real_folder = self._real_dirs.get(folder)
+        if real_folder is None:
+            real_folder = self._real_dirs[folder] = os.path.realpath(folder)
+        return os.path.join(real_folder, name)
 
     def __call__(self, entry):
         path = join(self.root, entry.image)
         if self.local:
-            real = os.path.realpath(path)
+            real = self._real(path)
             if real != self.real_root and not real.startswith(self.real_root + os.sep):
                 return None, "path_escapes_root", entry.captions
         try:
-            data = self.fs.cat_file(path)
+            data = _read_local(path) if self.local else self.fs.cat_file(path)
         except (FileNotFoundError, IsADirectoryError):
             return None, "missing_image", entry.captions
         except OSError:
             return None, "unreadable_image", entry.captions
         jpg, reason = check_or_encode(data, self.max_side, self.background)
         return jpg, reason, entry.captions
+
+
+def _read_local(path: str) -> bytes:
+    # fsspec's local cat_file wraps the file in its own opener (~6 us more per image than open())
+    with open(path, "rb") as f:
+        return f.read()

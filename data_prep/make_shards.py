@@ -55,8 +55,8 @@ def _common(p):
     g.add_argument("--output", "-o", required=True, help="output directory or fsspec URL (memory://, s3://...)")
     g.add_argument("--maxcount", type=_positive, default=1000, help="samples per shard (default 1000)")
     g.add_argument("--maxsize", type=_positive, default=int(1e9), help="max bytes per shard (default 1e9)")
-    g.add_argument("--workers", type=int, default=1, help="processes for image loading/generation; the output "
-                   "does not depend on it (default 1)")
+    g.add_argument("--workers", type=int, default=1, help="processes for image loading/generation and shard "
+                   "packing; the output does not depend on it (default 1)")
     g.add_argument("--overwrite", action="store_true", help="rewrite every shard even if an identical one exists")
     g.add_argument("--strict", action="store_true", help="fail on the first bad record instead of dropping it")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

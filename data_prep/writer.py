@@ -4,10 +4,14 @@ Byte-identical output for the same input: samples are ordered by (person id, ima
 headers carry fixed metadata, JSON is dumped with sorted keys, and worker results are consumed in input order."""
 from __future__ import annotations
 
+import gc
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -21,38 +25,77 @@ STAGING = ".staging"  # new shards wait here until every split is complete (then
 
 
 class ShardSink:
-    """Packs samples into shards of at most maxcount samples / maxsize bytes and stages each finished shard in
+    """Cuts samples into shards of at most maxcount samples / maxsize bytes and stages each finished shard in
     SPLIT/.staging/ -- unless identical bytes already sit at its final name (re-runs skip finished work). Nothing
-    under a final name changes until :func:`commit_split`."""
+    under a final name changes until :func:`commit_split`.
 
-    def __init__(self, fs, split_dir: str, split: str, maxcount: int, maxsize: int, overwrite: bool):
+    A finished shard is packed by :meth:`Workers.pack` (a worker process when there is a pool: packing through
+    webdataset's TarWriter costs ~80 us per pair, and in this process it would cap make_shards at one core). Hashing
+    is done where it is packed; comparing with the file at its final name and writing run on one I/O thread, in shard
+    order, while this process goes on cutting (file I/O releases the GIL). At most ``in_flight`` shards are in the
+    air (memory: a shard is up to maxsize bytes). :meth:`close` must be called (write_split does, also on errors)
+    before the staged files are used or removed."""
+
+    def __init__(self, fs, split_dir: str, split: str, maxcount: int, maxsize: int, overwrite: bool,
+                 workers: "Workers"):
         self.fs, self.dir, self.split = fs, split_dir, split
         self.maxcount, self.maxsize, self.overwrite = maxcount, maxsize, overwrite
-        self.packer = shards.TarPacker()
+        self.workers = workers
+        self.in_flight = workers.processes + 1
+        self.samples: list[dict] = []
+        self.size = 0
         self.shards: list[dict] = []
         self.staged: list[str] = []
         self.written = self.skipped = 0
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-io")
+        self._pending: deque = deque()  # (shard record, future of _store) in shard order
 
     def add(self, sample: dict):
-        p, size = self.packer, shards.tar_size(sample)
-        if p.count and (p.count >= self.maxcount or p.size + size > self.maxsize):
+        size = shards.tar_size(sample)
+        if self.samples and (len(self.samples) >= self.maxcount or self.size + size > self.maxsize):
             self.flush()
-        self.packer.add(sample, size)
+        self.samples.append(sample)
+        self.size += size
 
     def flush(self):
-        if not self.packer.count:
+        if not self.samples:
             return
-        data, count = self.packer.finish(), self.packer.count
-        self.packer = shards.TarPacker()
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        sha = hashlib.sha256(data).hexdigest()
-        if not self.overwrite and _same_file(self.fs, join(self.dir, name), data, sha):
-            self.skipped += 1
-        else:
-            write_atomic(self.fs, join(self.dir, STAGING, name), data)
-            self.staged.append(name)
+        while len(self._pending) >= self.in_flight:
+            self._settle_oldest()
+        record = {"name": f"{self.split}-{len(self.shards):06d}.tar", "count": len(self.samples), "sha256": None}
+        job = self.workers.pack(self.samples, self.fs, self.dir, record["name"], self.overwrite)
+        self.samples, self.size = [], 0
+        self.shards.append(record)
+        self._pending.append((record, self._io.submit(self._store, record["name"], job)))
+
+    def _store(self, name: str, job) -> tuple[str, bool]:
+        """(sha256, whether it was staged); runs on the I/O thread."""
+        data, sha, staged = job.get()
+        if data is None:  # a worker stored it
+            return sha, staged
+        return store_shard(self.fs, self.dir, name, data, sha, self.overwrite)
+
+    def _settle_oldest(self):
+        record, fut = self._pending.popleft()
+        record["sha256"], staged = fut.result()  # a packing or I/O error is raised here, in the cutting thread
+        if staged:
+            self.staged.append(record["name"])
             self.written += 1
-        self.shards.append({"name": name, "count": count, "sha256": sha})
+        else:
+            self.skipped += 1
+
+    def close(self, raise_errors: bool = True):
+        """Waits for every shard in the air; raises the first error (unless the caller is already failing and only
+        needs the thread to be done)."""
+        try:
+            while self._pending:
+                try:
+                    self._settle_oldest()
+                except Exception:
+                    if raise_errors:
+                        raise
+        finally:
+            self._io.shutdown(wait=True)
 
 
 def _same_file(fs, path, data, sha) -> bool:
@@ -64,6 +107,14 @@ def _same_file(fs, path, data, sha) -> bool:
     return sha256_file(fs, path) == sha
 
 
+def store_shard(fs, split_dir: str, name: str, data: bytes, sha: str, overwrite: bool) -> tuple[str, bool]:
+    """Stages a packed shard unless identical bytes already sit at its final name: (sha256, whether it was staged)."""
+    if not overwrite and _same_file(fs, join(split_dir, name), data, sha):
+        return sha, False
+    write_atomic(fs, join(split_dir, STAGING, name), data)
+    return sha, True
+
+
 # Worker plumbing: the loader is installed once per process instead of being pickled with every task.
 _LOADER = None
 
@@ -73,25 +124,76 @@ def _init_worker(loader):
     _LOADER = loader
 
 
-def _call(entry):
-    return _LOADER(entry)
+def _load_chunk(entries):
+    return [_LOADER(e) for e in entries]
+
+
+def _pack(samples, fs=None, split_dir=None, name=None, overwrite=False) -> tuple:
+    """(tar bytes, sha256, None), or with ``fs`` the shard stored right here: (None, sha256, whether it was staged)."""
+    data = shards.pack(samples)
+    sha = hashlib.sha256(data).hexdigest()
+    if fs is None:
+        return data, sha, None
+    return (None, *store_shard(fs, split_dir, name, data, sha, overwrite))
+
+
+class _Done:
+    """A job run in this process, shaped like the pool's AsyncResult. (Packing on the I/O thread instead, to overlap
+    the GIL-free parts of loading, was measured slower: the threads convoy on the GIL.)"""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
 
 
 class Workers:
-    """Maps entries to (jpeg, drop_reason, captions) in input order, in this process or in a worker pool. Ordered
-    imap keeps the output independent of the number of workers."""
+    """Loads entries into (jpeg, drop_reason, captions) in input order, and packs finished shards, in this process or
+    in a pool of worker processes; the output does not depend on the number of workers.
+
+    Loading runs at most ``LOOKAHEAD`` chunks per worker ahead of the caller, so that packing jobs, queued behind
+    them in the pool's one FIFO, start soon after their shard is cut (``Pool.imap`` would queue every entry first, and
+    the loaded images would pile up here)."""
+
+    CHUNK, LOOKAHEAD = 16, 2
 
     def __init__(self, loader, workers: int):
-        self.loader, self.pool = loader, None
+        self.loader, self.pool, self.processes = loader, None, max(1, workers)
         if workers > 1:
+            # Imported before the fork (it loads torch, ~1.4 s): the workers pack with it without importing it again.
+            import webdataset  # noqa: F401
             # fork: workers inherit already-read state (e.g. memory:// files) without pickling it.
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of its heap
             self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(loader,))
+            gc.unfreeze()
 
-    def map(self, entries):
+    def map(self, entries: list):
         if self.pool is None:
             return map(self.loader, entries)
-        return self.pool.imap(_call, entries, chunksize=16)
+        return self._ordered(entries)
+
+    def _ordered(self, entries: list):
+        chunks = (entries[i:i + self.CHUNK] for i in range(0, len(entries), self.CHUNK))
+        window = deque(self.pool.apply_async(_load_chunk, (c,))
+                       for c in itertools.islice(chunks, self.LOOKAHEAD * self.processes))
+        while window:
+            done = window.popleft().get()
+            nxt = next(chunks, None)
+            if nxt is not None:
+                window.append(self.pool.apply_async(_load_chunk, (nxt,)))
+            yield from done
+
+    def pack(self, samples: list[dict], fs, split_dir: str, name: str, overwrite: bool):
+        """A job whose get() is :func:`_pack`'s result. On a local file system the worker also stores the shard, so
+        its bytes need not come back through a pipe (a worker's memory:// is its own; a remote store gets the bytes
+        from this process's I/O thread)."""
+        if self.pool is None:
+            return _Done(_pack(samples))
+        local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+        args = (samples, fs, split_dir, name, overwrite) if local else (samples,)
+        return self.pool.apply_async(_pack, args)
 
     def close(self):
         if self.pool is not None:
@@ -105,39 +207,45 @@ def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, op
     split_dir = join(out_path, split)
     fs.makedirs(split_dir, exist_ok=True)
     _remove_temporaries(fs, split_dir)
-    sink = ShardSink(fs, split_dir, split, opts["maxcount"], opts["maxsize"], opts["overwrite"])
+    sink = ShardSink(fs, split_dir, split, opts["maxcount"], opts["maxsize"], opts["overwrite"], workers)
     pids: dict[str, int] = {}
     key = image_id = 0
     per_source: dict[str, dict] = {}
     cap_chars = 0
     bar = tqdm(total=len(entries), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
     log = _ProgressLines(split, len(entries)) if not progress and not opts.get("no_progress") else None
-    for e, (jpg, reason, caps) in zip(entries, workers.map(entries)):
-        bar.update(1)
-        if log is not None:
-            log.tick()
-        if reason is None and not caps:
-            reason = "no_valid_captions"
-        if reason is not None:
-            drops.drop(reason, e.origin, e.index, e.image_field, e.image, split)
-            continue
-        # pid is assigned on an identity's first surviving image, so it stays dense even if images are dropped.
-        pid = pids.setdefault(str(e.orig_id), len(pids))
-        src = per_source.setdefault(e.source, {"pairs": 0, "images": 0, "ids": set()})
-        for ci, cap in enumerate(caps):
-            meta = {"key": key, "pid": pid, "orig_id": e.orig_id, "source": e.source, "image": e.image,
-                    "image_id": image_id, "caption_id": ci}
-            if e.attributes is not None:
-                meta["attributes"] = e.attributes
-            sink.add(shards.make_sample(key, jpg, cap, meta))
-            key += 1
-            cap_chars += len(cap)
-        src["pairs"] += len(caps)
-        src["images"] += 1
-        src["ids"].add(pid)
-        image_id += 1
-    bar.close()
-    sink.flush()
+    try:
+        for e, (jpg, reason, caps) in zip(entries, workers.map(entries)):
+            bar.update(1)
+            if log is not None:
+                log.tick()
+            if reason is None and not caps:
+                reason = "no_valid_captions"
+            if reason is not None:
+                drops.drop(reason, e.origin, e.index, e.image_field, e.image, split)
+                continue
+            # pid is assigned on an identity's first surviving image, so it stays dense even if images are dropped.
+            pid = pids.setdefault(str(e.orig_id), len(pids))
+            src = per_source.setdefault(e.source, {"pairs": 0, "images": 0, "ids": set()})
+            for ci, cap in enumerate(caps):
+                meta = {"key": key, "pid": pid, "orig_id": e.orig_id, "source": e.source, "image": e.image,
+                        "image_id": image_id, "caption_id": ci}
+                if e.attributes is not None:
+                    meta["attributes"] = e.attributes
+                sink.add(shards.make_sample(key, jpg, cap, meta))
+                key += 1
+                cap_chars += len(cap)
+            src["pairs"] += len(caps)
+            src["images"] += 1
+            src["ids"].add(pid)
+            image_id += 1
+        sink.flush()
+    except BaseException:
+        sink.close(raise_errors=False)  # the staged files are removed by the caller: nothing may still write them
+        raise
+    finally:
+        bar.close()
+    sink.close()
     if key == 0:
         raise PrepError(f"split {split!r}: none of its {len(entries)} images could be packed "
                         f"(dropped: {drops.split_dict(split)}); is --images right? Nothing in the output was changed")

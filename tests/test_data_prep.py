@@ -221,6 +221,13 @@ def test_deterministic_across_workers(cuhk, tmp_path):
     with tarfile.open(tmp_path / "a" / "train" / "train-000000.tar") as tf:
         m = tf.getmembers()[0]
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
+    # a re-run with workers: they pack, hash and compare in their own processes and leave finished shards alone
+    shard = tmp_path / "b" / "train" / "train-000001.tar"
+    os.utime(shard, ns=(1, 1))
+    run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "b", "--maxcount", 4,
+         "--workers", 2])
+    assert shard.stat().st_mtime_ns == 1
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
 
 
 def test_rerun_skips_finished_shards_and_overwrite(cuhk, tmp_path, capsys):

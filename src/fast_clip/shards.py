@@ -335,36 +335,20 @@ def tar_size(sample: dict) -> int:
     return total
 
 
-class TarPacker:
-    """Packs samples into one in-memory tar with ``webdataset.TarWriter`` and fixed metadata (mtime 0, root-owned,
-    empty user/group names, mode 0444, USTAR headers), so the archive depends only on its content: a re-run can
-    compare hashes and skip finished shards."""
-
-    def __init__(self):
-        from webdataset.writer import TarWriter
-        self.buf = io.BytesIO()
-        self.writer = TarWriter(self.buf, user="", group="", mode=0o444, mtime=0, encoder=False, compress=False)
-        # webdataset 1.0.2's TarWriter computes its `format` argument but never passes it to tarfile.open, so headers
-        # would go through the PAX checks: set USTAR on the stream itself (same bytes for our ASCII names, ~8 % faster)
-        self.writer.tarstream.format = tarfile.USTAR_FORMAT
-        self.count = self.size = 0
-
-    def add(self, sample: dict, size: int | None = None) -> None:
-        """``size``: the sample's tar_size when the caller already has it."""
-        self.writer.write(sample)
-        self.count += 1
-        self.size += tar_size(sample) if size is None else size
-
-    def finish(self) -> bytes:
-        self.writer.close()  # end-of-archive blocks, padded to a full record as tar(1) does
-        return self.buf.getvalue()
-
-
 def pack(samples) -> bytes:
-    p = TarPacker()
-    for s in samples:
-        p.add(s)
-    return p.finish()
+    """One in-memory tar of our samples, written by ``webdataset.TarWriter`` with fixed metadata (mtime 0,
+    root-owned, empty user/group names, mode 0444, USTAR headers), so the archive depends only on its content: a
+    re-run can compare hashes and skip finished shards."""
+    from webdataset.writer import TarWriter
+    buf = io.BytesIO()
+    writer = TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False, compress=False)
+    # webdataset 1.0.2's TarWriter computes its `format` argument but never passes it to tarfile.open, so headers
+    # would go through the PAX checks: set USTAR on the stream itself (same bytes for our ASCII names, ~8 % faster)
+    writer.tarstream.format = tarfile.USTAR_FORMAT
+    for sample in samples:
+        writer.write(sample)
+    writer.close()  # end-of-archive blocks, padded to a full record as tar(1) does
+    return buf.getvalue()
 
 
 def sizes_json(sizes: dict[str, int]) -> bytes:
