@@ -24,7 +24,7 @@ CAPTIONS = ["a man in a black jacket and blue jeans", "woman with long hair, red
 
 def _write_run(run: Path, model, epochs=(1,)) -> None:
     (run / "checkpoints").mkdir(parents=True)
-    for epoch in epochs:  # the trainer's checkpoint layout (training/main.py), less the optimizer/rng entries
+    for epoch in epochs:  # the trainer's checkpoint layout (training/checkpoint.py Checkpointer), less the optimizer/rng entries
         torch.save({"state_dict": model.state_dict(), "model_name": "PersonTiny", "image_size": [64, 32],
                     "epoch": epoch, "step": 10 * epoch}, run / "checkpoints" / f"epoch_{epoch}.pt")
     (run / "params.json").write_text(json.dumps({"model": "PersonTiny", "image_size": [64, 32]}))

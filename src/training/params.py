@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Coin-flip mixup (ZeroVL): alpha ~ Beta(b, b); a fair coin mixes either the images or the "
                         "text token embeddings with the reversed batch; soft targets. 0: off. --loss openclip only.")
     o.add_argument("--local-loss", action="store_true",
-                   help="Each rank scores its own pairs against all gathered features (gradient through the gather).")
+                   help="open_clip's flag; always on here: each rank scores its own pairs against all gathered "
+                        "features, gradient through the gather (accepted for ported commands).")
     o.add_argument("--gather-with-grad", action="store_true",
                    help="open_clip's flag; always on here: with --local-loss the gather carries the gradient, which is "
                         "what makes the distributed gradient exact (accepted for ported commands).")

@@ -41,6 +41,27 @@ class TrainState:
                    source_counts=Counter({int(k): v for k, v in d.get("source_counts", {}).items()}))
 
 
+@dataclass
+class LoopConfig:
+    """What the epoch loop reads; the trainer builds it from the run's OptimConfig / RunConfig and the stream."""
+    batches_per_epoch: int
+    total_steps: int                # of the whole run: --max-steps stops early without changing any schedule
+    lr: float
+    warmup: int
+    lr_scheduler: str
+    lr_min: float
+    seed: int
+    precision: str
+    grad_clip_norm: float | None
+    log_every: int
+    save_every: int
+    max_steps: int | None
+    max_nonfinite_steps: int
+    accum_chunks: int = 1
+    mixup_beta: float = 0.0
+    device_augment: object = None   # a DeviceAugment when the batch is augmented on the accelerator
+
+
 class NonFiniteError(RuntimeError):
     pass
 
@@ -87,7 +108,7 @@ def _memory(device: torch.device) -> dict:
     return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
-def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg, hooks) -> bool:
+def train_one_epoch(model, objective, optimizer, loader, state: TrainState, cfg: LoopConfig, hooks) -> bool:
     """Consume the rest of the epoch ``state.epoch``. ``hooks`` provides log(step, values), save(state),
     log_keys(state, keys) and stop_requested(). Returns False when training must stop (max steps, or a stop signal)."""
     device = dist_utils.env().device

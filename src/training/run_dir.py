@@ -1,0 +1,115 @@
+"""The run folder, LOGS/NAME: claimed once (a name is not reused by accident, the folder must be writable, one
+process group at a time), and what ends up in it besides logs and checkpoints: params.json, summary.json, and a
+fatal error's record."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from training import distributed as dist_utils
+from training import runlock
+from training.config import RunConfig
+
+
+class RunFolder:
+    def __init__(self, path: str, name: str):
+        self.path, self.name = path, name
+        self.ckpt_dir = os.path.join(path, "checkpoints")
+
+    @classmethod
+    def claim(cls, run: RunConfig) -> "RunFolder":
+        """Creates LOGS/NAME on rank 0 and takes its lock; every rank gets the same folder or the same error."""
+        name = run.name
+        if name is None:
+            name = dist_utils.broadcast_object(time.strftime("run-%Y%m%d-%H%M%S"))
+        folder = cls(os.path.join(run.logs, name), name)
+        problem = folder._claim(run.resume) if dist_utils.is_main() else None
+        problem = dist_utils.broadcast_object(problem)  # every rank stops, none waits in a barrier for rank 0
+        if problem is not None:
+            raise SystemExit(f"error: {problem}")
+        return folder
+
+    def _claim(self, resume: str | None) -> str | None:
+        held = holds_a_run(self.path) if os.path.isdir(self.path) else None
+        if held and resume is None:
+            # open_clip's rule: an experiment name is not reused by accident (a second run would overwrite the
+            # first one's checkpoints and mix its logs)
+            return (f"--name {self.name}: {self.path} already holds a run ({held}); continue it with --resume "
+                    f"latest, or choose another --name")
+        try:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            probe = os.path.join(self.ckpt_dir, f".write_probe.{os.getpid()}")
+            with open(probe, "wb") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+            os.remove(probe)
+            return runlock.acquire(self.path)
+        except OSError as e:
+            return (f"the log folder {self.ckpt_dir!r} is not writable ({e.strerror}); choose another --logs or "
+                    f"free space before training")
+
+    def write_params(self, flags: dict) -> None:
+        if dist_utils.is_main():
+            with open(os.path.join(self.path, "params.json"), "w") as f:
+                json.dump(flags, f, indent=2, default=str)
+
+    def write_summary(self, state, status: str) -> None:
+        """Bad-sample and per-source counts summed over ranks, in summary.json beside the logs (a collective)."""
+        per_rank = dist_utils.all_gather_object({"bad": dict(state.bad_samples),
+                                                 "sources": dict(state.source_counts)})
+        if not dist_utils.is_main():
+            return
+        bad, sources = {}, {}
+        for r in per_rank:
+            for k, v in r["bad"].items():
+                bad[k] = bad.get(k, 0) + v
+            for k, v in r["sources"].items():
+                sources[str(k)] = sources.get(str(k), 0) + v
+        summary = {"status": status, **state.to_dict(), "bad_samples": bad, "source_counts": sources}
+        with open(os.path.join(self.path, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps({"status": status, "steps": state.global_step, "skipped_samples": bad,
+                          "nonfinite_steps": state.nonfinite_total}), flush=True)
+
+    def record_fatal(self, message: str) -> None:
+        """A run that ends in an error says so in its own folder: the message (or traceback) at the end of out.log
+        and in summary.json (rank 0)."""
+        if not dist_utils.is_main():
+            return
+        try:
+            with open(os.path.join(self.path, "out.log"), "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | FATAL {message.rstrip()}\n")
+            path = os.path.join(self.path, "summary.json")
+            summary = json.load(open(path)) if os.path.isfile(path) else {}
+            summary.setdefault("status", "failed")
+            summary["error"] = message.rstrip().splitlines()[-1]
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=2)
+        except (OSError, ValueError):
+            pass  # the folder itself may be the problem; the error still reaches the terminal
+
+
+def holds_a_run(run_dir: str) -> str | None:
+    """What makes ``run_dir`` a run of its own (a checkpoint or logged steps); a failed start leaves neither."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(n.endswith(".pt") for n in os.listdir(ckpt_dir)):
+        return "checkpoints"
+    log = os.path.join(run_dir, "train_log.jsonl")
+    if os.path.isfile(log) and os.path.getsize(log) > 0:
+        return "logged training steps"
+    return None
+
+
+def tell_launcher(message: str) -> None:
+    """scripts/train.sh prints the lowest rank's line of this file last, below torchrun's own failure report."""
+    path = os.environ.get("FASTCLIP_ERROR_FILE")
+    lines = message.rstrip().splitlines()
+    if not path or not lines:
+        return
+    try:
+        with open(f"{path}.rank{os.environ.get('RANK', '0')}", "w", encoding="utf-8") as f:
+            f.write(lines[-1] + "\n")
+    except OSError:
+        pass
