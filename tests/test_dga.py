@@ -15,6 +15,7 @@ from fast_clip.model import create_model, get_tokenizer
 from shard_fixtures import write_shards
 from test_training import MAIN, ROOT, run_main, torchrun
 from training import data as D
+from training import plan as P
 from training.dga import forward_backward
 from training.objective import Mix, Objective, TrainModule, draw_mix, mix_inputs
 
@@ -226,12 +227,12 @@ def test_text_mixup_mixes_token_embeddings_only():
 
 
 def test_debiased_plan_is_a_seeded_shuffle_by_size():
-    plan = D.debiased_plan([3, 1, 6], seed=0, epoch=2)
+    plan = P.debiased_plan([3, 1, 6], seed=0, epoch=2)
     assert Counter(plan) == {0: 3, 1: 1, 2: 6}
-    assert plan == D.debiased_plan([3, 1, 6], 0, 2) and plan != D.debiased_plan([3, 1, 6], 0, 3)
+    assert plan == P.debiased_plan([3, 1, 6], 0, 2) and plan != P.debiased_plan([3, 1, 6], 0, 3)
     # worker shares of one source partition the rank's batches of that source in worker order
     for s in range(3):
-        shares = [D.debiased_worker_share(plan, 3, w, s) for w in range(3)]
+        shares = [P.debiased_worker_share(plan, 3, w, s) for w in range(3)]
         assert [b for b, _ in shares] == [sum(m for _, m in shares[:w]) for w in range(3)]
         assert sum(m for _, m in shares) == Counter(plan)[s]
 
@@ -270,7 +271,7 @@ def test_debiased_batches_are_single_source_same_on_all_ranks_and_read_each_pair
     st = _stream(sets, 0, world, 1, bs)
     st.set_epoch(1, start_batch=5)
     assert st.per_source == [6, 16]
-    assert [int(x["sources"][0]) for x in st] == D.debiased_plan([6, 16], 1, 1)[5:]
+    assert [int(x["sources"][0]) for x in st] == P.debiased_plan([6, 16], 1, 1)[5:]
 
 
 @pytest.mark.slow

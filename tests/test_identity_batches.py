@@ -11,6 +11,7 @@ from fast_clip.transforms import build_transform, clean_caption
 from shard_fixtures import write_shards
 from test_training import run_main
 from training import data as D
+from training import plan as P
 
 
 def _stream_of(counts: dict, sorted_order=True, seed=0):
@@ -25,7 +26,7 @@ def _stream_of(counts: dict, sorted_order=True, seed=0):
 def test_identity_groups_cover_every_item_once_in_groups_of_k(sorted_order, max_pending):
     counts = {0: 8, 1: 6, 2: 3, 3: 8, 4: 1, -1: 3, 5: 4, 6: 9}
     items = _stream_of(counts, sorted_order)
-    groups = list(D.identity_groups(iter(items), 4, random.Random(1), max_pending, lambda it: it[1]))
+    groups = list(P.identity_groups(iter(items), 4, random.Random(1), max_pending, lambda it: it[1]))
     flat = [it for g in groups for it in g]
     assert sorted(flat) == sorted(items)                            # every item exactly once
     assert all(len(g) == 4 for g in groups[:-1]) and 1 <= len(groups[-1]) <= 4
@@ -35,7 +36,7 @@ def test_identity_groups_cover_every_item_once_in_groups_of_k(sorted_order, max_
     elif max_pending == 64:  # a buffer that holds the whole stream groups unsorted persons as well as sorted ones
         assert pure == {0: 2, 1: 1, 3: 2, 5: 1, 6: 2}
     # seeded: the same rng gives the same groups
-    again = list(D.identity_groups(iter(items), 4, random.Random(1), max_pending, lambda it: it[1]))
+    again = list(P.identity_groups(iter(items), 4, random.Random(1), max_pending, lambda it: it[1]))
     assert again == groups
 
 

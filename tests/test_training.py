@@ -14,6 +14,7 @@ import torch
 
 from shard_fixtures import write_shards
 from training import data as D
+from training import plan as P
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -39,12 +40,12 @@ def run_main(*argv, timeout=240):
 
 @pytest.mark.parametrize("n_samples,world,workers,batch", [(64, 2, 2, 4), (1000, 3, 4, 7), (50, 1, 3, 8), (97, 2, 1, 5)])
 def test_worker_ranges_partition_the_used_samples(n_samples, world, workers, batch):
-    n = D.batches_per_rank(n_samples, world, batch)
+    n = P.batches_per_rank(n_samples, world, batch)
     covered = []
     for r in range(world):
         total = 0
         for w in range(workers):
-            start, length = D.worker_range(n, batch, r, workers, w)
+            start, length = P.worker_range(n, batch, r, workers, w)
             covered += list(range(start, start + length))
             total += length
         assert total == n * batch  # every rank yields the same number of batches
@@ -56,14 +57,14 @@ def test_batches_done_by_worker_matches_round_robin():
     for W in (1, 2, 3, 5):
         for k in range(0, 23):
             expected = Counter(j % W for j in range(k))
-            assert [D.batches_done_by_worker(k, W, w) for w in range(W)] == [expected[w] for w in range(W)]
+            assert [P.batches_done_by_worker(k, W, w) for w in range(W)] == [expected[w] for w in range(W)]
 
 
 def test_shuffle_buffer_is_a_seeded_permutation():
     import random
-    a = list(D.shuffle_buffer(range(100), 10, random.Random(3)))
-    b = list(D.shuffle_buffer(range(100), 10, random.Random(3)))
-    c = list(D.shuffle_buffer(range(100), 10, random.Random(4)))
+    a = list(P.shuffle_buffer(range(100), 10, random.Random(3)))
+    b = list(P.shuffle_buffer(range(100), 10, random.Random(3)))
+    c = list(P.shuffle_buffer(range(100), 10, random.Random(4)))
     assert a == b and a != c and sorted(a) == list(range(100)) and a != list(range(100))
 
 

@@ -5,7 +5,7 @@ The writer (data_prep), ``make_shards.py verify``, the trainer's stream and the 
 so a key rule or a member name cannot drift between them. It uses no torch itself, but importing webdataset (1.x)
 loads torch, so data_prep pays that import (about 1.4 s per command) too.
 
-What is *not* here, on purpose: the epoch plan and range reading (training/data.py). webdataset's
+What is *not* here, on purpose: the epoch plan (training/plan.py) and range reading (training/data.py). webdataset's
 ``split_by_node``/``split_by_worker`` deal whole shards round-robin, which cannot give every rank the same number of
 batches nor an exact mid-epoch resume.
 """
