@@ -206,6 +206,10 @@ def main(argv=None) -> int:
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted before {args.output} was complete (what this run had staged was removed); run the "
+              f"same command again to finish: shards already in place are checked and reused", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
+import signal
 import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,6 +51,7 @@ class ShardSink:
         self.written = self.skipped = 0
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-io")
         self._pending: deque = deque()  # (shard record, future of _store) in shard order
+        self._aborted = threading.Event()
 
     def add(self, sample: dict):
         size = shards.tar_size(sample)
@@ -70,7 +73,13 @@ class ShardSink:
 
     def _store(self, name: str, job) -> tuple[str, bool]:
         """(sha256, whether it was staged); runs on the I/O thread."""
-        data, sha, staged = job.get()
+        while True:
+            try:
+                data, sha, staged = job.get(timeout=0.2)
+                break
+            except mp.TimeoutError:
+                if self._aborted.is_set():  # the pool is gone: this job will never finish
+                    raise RuntimeError(f"{name}: packing abandoned") from None
         if data is None:  # a worker stored it
             return sha, staged
         return store_shard(self.fs, self.dir, name, data, sha, self.overwrite)
@@ -85,8 +94,12 @@ class ShardSink:
             self.skipped += 1
 
     def close(self, raise_errors: bool = True):
-        """Waits for every shard in the air; raises the first error (unless the caller is already failing and only
-        needs the thread to be done)."""
+        """Waits for every shard in the air and raises the first error. With ``raise_errors=False`` (the caller is
+        already failing, e.g. on Ctrl-C) the workers are stopped first, so that nothing writes into the staging
+        folder once this returns, and the jobs they held are abandoned."""
+        if not raise_errors:
+            self._aborted.set()
+            self.workers.close()
         try:
             while self._pending:
                 try:
@@ -122,6 +135,9 @@ _LOADER = None
 def _init_worker(loader):
     global _LOADER
     _LOADER = loader
+    # Ctrl-C reaches the whole process group: only the parent handles it (and terminates the pool). A worker killed
+    # by it inside a task would leave that task's result pending forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _load_chunk(entries):
@@ -144,7 +160,7 @@ class _Done:
     def __init__(self, value):
         self.value = value
 
-    def get(self):
+    def get(self, timeout=None):
         return self.value
 
 
@@ -199,6 +215,7 @@ class Workers:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+            self.pool = None
 
 
 def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, opts, progress=True) -> dict:

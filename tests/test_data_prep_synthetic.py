@@ -5,12 +5,20 @@ import io
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from data_prep import make_shards
 from data_prep.synthetic import PALETTE, assign_splits, caption, make_identities
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_split(out, split):
@@ -96,3 +104,33 @@ def test_captions_mention_attributes_with_palette_words():
             assert 2 <= len(colours) + ("hair" in words) + ("glasses" in words) <= 8
             assert c[0].isupper() and c.endswith(".")
     assert upper_hits / n > 0.9 and lower_hits / n > 0.8
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_workers_exits_at_once_and_keeps_the_previous_output(tmp_path):
+    """Ctrl-C reaches the parent and its pool workers alike: the run must end (a worker killed inside a packing job
+    would leave the parent waiting for it forever), say so in one line, and leave the earlier output as it was."""
+    out = tmp_path / "out"
+    base = [sys.executable, "data_prep/make_shards.py", "synthetic", "--images-per-id", "4", "-o", str(out),
+            "--workers", "2", "--no-progress", "--maxcount", "200"]
+    assert subprocess.run(base + ["--num-ids", "20"], cwd=ROOT, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
+    proc = subprocess.Popen(base + ["--num-ids", "3000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    staging = out / "train" / ".staging"
+    deadline = time.monotonic() + 60
+    while not (staging.is_dir() and any(staging.iterdir())) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("make_shards did not exit after Ctrl-C")
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+    assert not staging.exists()
+    assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == before
+    assert make_shards.main(["verify", str(out)]) == 0
