@@ -13,6 +13,11 @@ def get_fs(url: str):
     return fs, (path.rstrip("/") or path)
 
 
+def is_local(fs) -> bool:
+    """Whether an fsspec filesystem is this machine's disk (fsspec's protocol is a name or a tuple of names)."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
 def join(base: str, *parts: str) -> str:
     # fsspec paths are always '/'-separated, also for local files.
     return posixpath.join(base, *parts)

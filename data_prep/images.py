@@ -6,7 +6,7 @@ import os
 
 from PIL import Image, ImageOps
 
-from .fsio import join
+from .fsio import is_local, join
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -65,8 +65,7 @@ class FileImageLoader:
 
     def __init__(self, fs, root: str, max_side: int = 0, background=(255, 255, 255)):
         self.fs, self.root, self.max_side, self.background = fs, root, max_side, tuple(background)
-        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-        self.local = "file" in protocols
+        self.local = is_local(fs)
         self.real_root = os.path.realpath(root) if self.local else None
         self._real_dirs: dict[str, str] = {}  # a folder's real path, resolved once (datasets keep many per folder)
 

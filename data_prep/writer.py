@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fast_clip import shards
 
 from . import FORMAT_VERSION
-from .fsio import get_fs, join, sha256_file, write_atomic
+from .fsio import get_fs, is_local, join, sha256_file, write_atomic
 from .records import SPLITS, Drops, PrepError, id_sort_key
 
 STAGING = ".staging"  # new shards wait here until every split is complete (then they are renamed into place)
@@ -207,8 +207,7 @@ class Workers:
         from this process's I/O thread)."""
         if self.pool is None:
             return _Done(_pack(samples))
-        local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
-        args = (samples, fs, split_dir, name, overwrite) if local else (samples,)
+        args = (samples, fs, split_dir, name, overwrite) if is_local(fs) else (samples,)
         return self.pool.apply_async(_pack, args)
 
     def close(self):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from training import distributed as dist_utils
-from training.train import TrainState
+from training.train import TrainState, gather_counts
 
 
 class CheckpointError(RuntimeError):
@@ -166,8 +166,7 @@ class Checkpointer:
 
     def save(self, state, epoch_file: int | None = None) -> None:
         """latest.pt (every rank calls this: the counters are gathered), and epoch_N.pt when ``epoch_file`` is N."""
-        per_rank = dist_utils.all_gather_object({"bad": dict(state.bad_samples),
-                                                 "sources": {str(k): v for k, v in state.source_counts.items()}})
+        per_rank = gather_counts(state)
         if dist_utils.is_main():
             obj = self.state_dict(state)
             obj["per_rank_counts"] = per_rank

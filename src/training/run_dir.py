@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 
 from training import distributed as dist_utils
 from training import runlock
 from training.config import RunConfig
+from training.train import gather_counts
 
 
 class RunFolder:
@@ -57,16 +59,14 @@ class RunFolder:
 
     def write_summary(self, state, status: str) -> None:
         """Bad-sample and per-source counts summed over ranks, in summary.json beside the logs (a collective)."""
-        per_rank = dist_utils.all_gather_object({"bad": dict(state.bad_samples),
-                                                 "sources": dict(state.source_counts)})
+        per_rank = gather_counts(state)
         if not dist_utils.is_main():
             return
-        bad, sources = {}, {}
+        bad, sources = Counter(), Counter()
         for r in per_rank:
-            for k, v in r["bad"].items():
-                bad[k] = bad.get(k, 0) + v
-            for k, v in r["sources"].items():
-                sources[str(k)] = sources.get(str(k), 0) + v
+            bad.update(r["bad"])
+            sources.update(r["sources"])
+        bad, sources = dict(bad), dict(sources)
         summary = {"status": status, **state.to_dict(), "bad_samples": bad, "source_counts": sources}
         with open(os.path.join(self.path, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

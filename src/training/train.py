@@ -62,6 +62,13 @@ class LoopConfig:
     device_augment: object = None   # a DeviceAugment when the batch is augmented on the accelerator
 
 
+def gather_counts(state: TrainState) -> list[dict]:
+    """Every rank's bad-sample and per-source counters (a collective: every rank calls it), as plain dicts with string
+    keys: what a checkpoint stores per rank and what summary.json sums."""
+    return dist_utils.all_gather_object({"bad": dict(state.bad_samples),
+                                         "sources": {str(k): v for k, v in state.source_counts.items()}})
+
+
 class NonFiniteError(RuntimeError):
     pass
 

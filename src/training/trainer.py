@@ -88,7 +88,7 @@ class Trainer:
             sets = load_train_sets(cfg.data.train_data, logger=log)
         except DataError as e:
             raise SystemExit(f"error: {e}")
-        total = sum(s.num_pairs for s in sets)
+        total = self.total_pairs = sum(s.num_pairs for s in sets)
         if (cfg.loss.data_size or total) < total:
             raise SystemExit(f"error: --data_size {cfg.loss.data_size} is smaller than the {total} pairs of "
                              f"--train-data (one loss-state entry per pair); leave it out to use {total}")
@@ -125,7 +125,7 @@ class Trainer:
         return model
 
     def _loss(self):
-        data_size = self.cfg.loss.data_size or sum(s.num_pairs for s in self.sets)
+        data_size = self.cfg.loss.data_size or self.total_pairs
         loss_fn = build_loss(self.cfg.loss, data_size=data_size, device=self.denv.device)
         if hasattr(loss_fn, "state_summary"):  # the GCL family's per-pair tables
             self.logger.info(loss_fn.state_summary())
