@@ -288,7 +288,7 @@ def run_ours(a, split: Path, loss: str, log_every: int, logs: Path) -> dict:
            "--loss", loss, "--epochs", "1", "--max-steps", str(total), "--lr", str(a.lr), "--warmup", "10",
            "--seed", "0", "--log-every-n-steps", str(log_every), "--logs-dir", str(logs), "--name", name]
     if a.torchcompile:
-        cmd.append("--torchcompile")
+        cmd += ["--torchcompile", "--torchcompile-backend", a.torchcompile_backend]
     run = Run(name, cmd, child_env({"BENCH_MEM_FILE": str(logs / f"{name}.mem.json")}),
               logs / f"{name}.console.log", logs / f"{name}.mem.json", a.timeout)
     records = []
@@ -412,6 +412,8 @@ def parse_args(argv=None):
                         "and webdataset 0.2.86 (bench/gpu_check.sh), with --peer-python the same interpreter as ours.")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--torchcompile", action="store_true", help="Pass --torchcompile to both trainers.")
+    p.add_argument("--torchcompile-backend", default="inductor",
+                   help="Our trainer's torch.compile backend (the peer always uses inductor).")
     p.add_argument("--timeout", type=float, default=1800, help="Seconds per trainer run before it is killed.")
     p.add_argument("--logs", type=Path, default=ROOT / "bench" / "results" / "bench_train" / "logs",
                    help="Run folders go to LOGS/<timestamp>/.")

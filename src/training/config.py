@@ -22,6 +22,7 @@ class ModelConfig:
     image_size: tuple[int, int] | None  # None: the model config's own size, resolved when the model is built
     grad_checkpointing: bool = False
     torchcompile: bool = False
+    torchcompile_backend: str = "inductor"
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0
     lock_image_freeze_bn_stats: bool = False
@@ -131,7 +132,7 @@ class TrainConfig:
         flags["loss_config"] = dataclasses.asdict(a.loss_config)
         return cls(
             model=ModelConfig(a.model, a.pretrained, tuple(a.image_size) if a.image_size else None,
-                              a.grad_checkpointing, a.torchcompile, a.lock_image, a.lock_image_unlocked_groups,
+                              a.grad_checkpointing, a.torchcompile, a.torchcompile_backend, a.lock_image, a.lock_image_unlocked_groups,
                               a.lock_image_freeze_bn_stats, a.lock_text, a.lock_text_unlocked_layers,
                               a.lock_logit_scale),
             data=DataConfig(a.train_data, loader, a.caption_key, not a.no_augment, a.augment_device, a.val_data,

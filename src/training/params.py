@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip's name for --image-size: one value (square) or H W.")
     m.add_argument("--grad-checkpointing", action="store_true")
     m.add_argument("--torchcompile", action="store_true")
+    m.add_argument("--torchcompile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile's backend with --torchcompile. aot_eager traces and splits the graphs as "
+                        "inductor would, without generating kernels: a quick check that a model compiles.")
     m.add_argument("--lock-image", action="store_true", help="Freeze the image tower (open_clip's flag).")
     m.add_argument("--lock-image-unlocked-groups", type=int, default=0,
                    help="With --lock-image: leave the last N layer groups trainable.")

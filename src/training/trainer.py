@@ -210,7 +210,7 @@ class Trainer:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.denv.device.index] if self.denv.device.type == "cuda" else None)
         if self.cfg.model.torchcompile:
-            module = torch.compile(module)
+            module = torch.compile(module, backend=self.cfg.model.torchcompile_backend)
         return module
 
     def _loop_config(self) -> LoopConfig:
