@@ -19,7 +19,7 @@ import torch
 from fast_clip.model import get_tokenizer
 from training.data import LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets
 from training.device_augment import DeviceAugment
-from fast_clip.transforms import build_transform, clean_caption
+from common.transforms import build_transform, clean_caption
 
 
 def ours(shards, image_size, batch, workers, max_batches, uint8=False):

@@ -27,7 +27,7 @@ from evaluation.extract import extract_features, load_test_set  # noqa: E402
 from fast_clip.id_head import ArcFaceHead, LinearIdHead, arcface_loss  # noqa: E402
 from fast_clip.losses import LossConfig, build_loss  # noqa: E402
 from fast_clip.model import create_model, get_tokenizer  # noqa: E402
-from fast_clip.transforms import build_transform  # noqa: E402
+from common.transforms import build_transform  # noqa: E402
 
 
 def _head(params: dict, state: dict, num_ids: int, dim: int):

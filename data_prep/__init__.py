@@ -3,4 +3,4 @@
 See docs/DATA.md for the shard format, which is the contract between this package, src/training and
 src/evaluation.
 """
-from fast_clip.shards import FORMAT_VERSION  # noqa: F401  (the one definition: fast_clip/shards.py)
+from common.shards import FORMAT_VERSION  # noqa: F401  (the one definition: common/shards.py)

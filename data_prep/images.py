@@ -6,7 +6,7 @@ import os
 
 from PIL import Image, ImageOps
 
-from .fsio import is_local, join
+from common.fsio import is_local, join
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 

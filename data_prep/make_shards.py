@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from data_prep.fsio import get_fs
+from common.fsio import get_fs
 from data_prep.images import FileImageLoader
 from data_prep.readers import READERS
 from data_prep.records import Drops, PrepError
@@ -172,7 +172,7 @@ def _write_drops(path: str, drops) -> None:
 
 
 def index(directory: str) -> int:
-    from fast_clip import shards
+    from common import shards
     try:
         urls = shards.resolve(directory)
         sizes = {shards.basename(u): shards.count_samples(u) for u in urls}

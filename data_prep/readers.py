@@ -6,7 +6,7 @@ import io
 import json
 import posixpath
 
-from .fsio import get_fs, read_bytes
+from common.fsio import get_fs, read_bytes
 from .records import SPLITS, AnnotationError, Drops, Entry, is_utf8_clean, safe_relpath
 
 

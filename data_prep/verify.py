@@ -7,10 +7,10 @@ import json
 
 from PIL import Image
 
-from fast_clip import shards
+from common import shards
 
 from . import FORMAT_VERSION
-from .fsio import get_fs, join
+from common.fsio import get_fs, join
 
 
 def _samples(data: bytes, where: str, problems: list):

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from fast_clip import shards
+from common import shards
 
 from . import FORMAT_VERSION
-from .fsio import get_fs, is_local, join, sha256_file, write_atomic
+from common.fsio import get_fs, is_local, join, sha256_file, write_atomic
 from .records import SPLITS, Drops, PrepError, id_sort_key
 
 STAGING = ".staging"  # new shards wait here until every split is complete (then they are renamed into place)

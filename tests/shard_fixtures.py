@@ -1,5 +1,5 @@
 """Tiny shard sets in the data_prep format, written by the tests themselves through the one shard module
-(fast_clip/shards.py), not data_prep's CLI, so that they can carry faults.
+(common/shards.py), not data_prep's CLI, so that they can carry faults.
 
 Each identity gets an upper and a lower colour; its images are those two colour blocks with noise, and its captions
 name the colours, so a tiny model can learn something in a few steps.
@@ -13,7 +13,7 @@ import random
 
 from PIL import Image
 
-from fast_clip import shards
+from common import shards
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40),
            "black": (15, 15, 15), "white": (240, 240, 240), "purple": (140, 40, 170), "orange": (250, 140, 20)}

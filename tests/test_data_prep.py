@@ -415,7 +415,7 @@ def test_verify_detects_corruption(cuhk, tmp_path, capsys):
 
 
 def test_verify_detects_bad_keys(tmp_path):
-    from fast_clip.shards import make_sample, pack
+    from common.shards import make_sample, pack
 
     out = tmp_path / "o"
     (out / "train").mkdir(parents=True)

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from training.device_augment import DeviceAugment
-from fast_clip.transforms import pad_for
-from fast_clip.transforms import build_transform
+from common.transforms import pad_for
+from common.transforms import build_transform
 
 
 def _images(n=6, h=64, w=32, seed=0):

@@ -238,7 +238,7 @@ def test_debiased_plan_is_a_seeded_shuffle_by_size():
 
 
 def _stream(sets, rank, world, workers, batch):
-    from fast_clip.transforms import build_transform, clean_caption
+    from common.transforms import build_transform, clean_caption
     cfg = D.LoaderConfig(batch_size=batch, workers=workers, seed=1, shuffle_buffer=8, debiased=True)
     dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption)
     return D.TrainStream(sets, cfg, dec, get_tokenizer("PersonTiny"), rank, world)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from evaluation.evaluate import dataset_name, default_datasets, evaluate_model, main
 from evaluation.extract import EvalError, load_test_set, resolve_shards
-from fast_clip.shards import make_sample, pack
+from common.shards import make_sample, pack
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"R1", "R5", "R10", "mAP", "mINP", "i2t_R1", "num_queries", "num_gallery"}
@@ -121,7 +121,7 @@ def test_epoch_and_data_options(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_pretrained_mode_and_evaluate_model(tiny_run, tmp_path, capsys):
     from fast_clip.model import get_tokenizer
-    from fast_clip.transforms import build_transform
+    from common.transforms import build_transform
 
     ckpt = tiny_run["run"] / "checkpoints" / "epoch_1.pt"
     test_dir = str(tiny_run["shards"] / "test")

@@ -69,7 +69,7 @@ def test_an_unreadable_shard_without_counts_is_a_clear_error(tmp_path):
 def test_keys_are_positions_in_the_fixed_shard_list(tmp_path):
     """Each pair's loss-state index is its position (not a json key): every epoch, every pair once, same index."""
     from fast_clip.model import get_tokenizer
-    from fast_clip.transforms import build_transform, clean_caption
+    from common.transforms import build_transform, clean_caption
 
     a = write_foreign(str(tmp_path / "a"), "img2dataset", n=48)
     b = write_foreign(str(tmp_path / "b"), "bare", n=32)
@@ -92,7 +92,7 @@ def test_keys_are_positions_in_the_fixed_shard_list(tmp_path):
 
 
 def test_caption_from_a_json_field_and_missing_caption_names_the_field(tmp_path):
-    from fast_clip.transforms import build_transform, clean_caption
+    from common.transforms import build_transform, clean_caption
 
     dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption,
                           caption_key="caption")

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from fast_clip.model import get_tokenizer
-from fast_clip.transforms import build_transform, clean_caption
+from common.transforms import build_transform, clean_caption
 from shard_fixtures import write_shards
 from test_training import run_main
 from training import data as D

@@ -172,7 +172,7 @@ def test_load_for_open_clip_gives_the_trained_size_weights_and_preprocessing(sha
     from PIL import Image
 
     from fast_clip.model import WeightsFileError, load_for_open_clip
-    from fast_clip.transforms import build_transform
+    from common.transforms import build_transform
     from training.main import main
 
     assert main(_common(shards, tmp_path, "oc", "--max-steps", 2)) == 0
@@ -196,7 +196,7 @@ def test_open_clip_flags_lock_towers_and_map_or_refuse(shards, tmp_path):
     from fast_clip.model import create_model
     from training.main import main
     from training.params import parse_args
-    from training.seeding import Stream, rng_seed
+    from common.seeding import Stream, rng_seed
 
     torch.manual_seed(rng_seed(Stream.MODEL_INIT, 0))  # what main() seeds before it builds the model
     init = create_model("PersonTiny").state_dict()

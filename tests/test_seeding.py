@@ -1,7 +1,7 @@
 """The one seeding helper: streams never share a seed, whatever their coordinates."""
 import itertools
 
-from training.seeding import Stream, rng_seed
+from common.seeding import Stream, rng_seed
 
 
 def test_streams_and_coordinates_never_collide():

@@ -1,4 +1,4 @@
-"""The one shard module (fast_clip/shards.py): byte-exact packing, reading with its problem rules, spec resolution,
+"""The one shard module (common/shards.py): byte-exact packing, reading with its problem rules, spec resolution,
 and the one-way import layering it is part of."""
 import ast
 import hashlib
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fast_clip import shards
+from common import shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,15 +126,16 @@ def test_index_files(tmp_path):
         shards.read_sizes(str(d))
 
 
-# Imports only go down: tools -> (training | evaluation) -> fast_clip. data_prep sits beside them and may use only
-# the shard module of fast_clip; training and evaluation never import each other's modules.
+# Imports only go down: tools -> (training | evaluation) -> fast_clip -> common. data_prep sits beside fast_clip and
+# uses only common; training and evaluation never import each other's modules.
 ALLOWED = {
-    "fast_clip": {"fast_clip"},
-    "data_prep": {"data_prep", "fast_clip.shards"},
-    "evaluation": {"evaluation", "fast_clip"},
-    "training": {"training", "fast_clip", "evaluation.evaluate"},  # periodic validation calls the public evaluator
+    "common": {"common"},
+    "fast_clip": {"fast_clip", "common"},
+    "data_prep": {"data_prep", "common"},
+    "evaluation": {"evaluation", "fast_clip", "common"},
+    "training": {"training", "fast_clip", "common", "evaluation.evaluate"},  # periodic validation calls the public evaluator
 }
-OURS = ("fast_clip", "data_prep", "evaluation", "training")
+OURS = ("common", "fast_clip", "data_prep", "evaluation", "training")
 
 
 def _imports(path: Path):

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from fast_clip import shards
+from common import shards
 from evaluation.extract import (EvalError, TestSet, default_transform, extract_features, load_test_set, run_cli,
                                 resolve_shards)
 from evaluation.metrics import recall_at_1_from_features, retrieval_metrics_from_features, topk_indices

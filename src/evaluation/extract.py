@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fast_clip import shards
-from fast_clip.shards import IMAGE_EXTS
-from fast_clip.transforms import build_transform, clean_caption
+from common import shards
+from common.shards import IMAGE_EXTS
+from common.transforms import build_transform, clean_caption
 
 __all__ = ["EvalError", "TestSet", "resolve_shards", "load_test_set", "extract_features", "default_transform",
            "IMAGE_EXTS"]
@@ -63,7 +63,7 @@ class TestSet:
 
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard files of a test set: ``spec`` is anything :func:`fast_clip.shards.resolve` takes (a directory, a brace
+    """Shard files of a test set: ``spec`` is anything :func:`common.shards.resolve` takes (a directory, a brace
     pattern, a glob, a single tar, a text file listing shards; local or fsspec URL), several of those joined with
     ``::``, or a list of them."""
     parts = [spec] if isinstance(spec, str) else list(spec)

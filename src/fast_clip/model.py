@@ -191,7 +191,7 @@ def load_for_open_clip(path: str | os.PathLike, device: str | torch.device = "cp
     weights, and the preprocessing it was trained and evaluated with (resize to HxW, CLIP normalisation). open_clip's
     own transform keeps the aspect ratio and centre-crops, which moves image embeddings (cosine 0.92-0.99 on our
     crops), so use this ``preprocess`` with these weights."""
-    from fast_clip.transforms import build_transform
+    from common.transforms import build_transform
 
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fast_clip import shards
+from common import shards
 from training.plan import (batches_done_by_worker, batches_per_rank, debiased_plan, debiased_worker_share,
                            identity_groups, shard_order, shuffle_buffer, worker_batches, worker_range)
-from training.seeding import Stream, rng_seed
+from common.seeding import Stream, rng_seed
 
 
 class DataError(RuntimeError):

@@ -18,7 +18,7 @@ import torch
 
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from fast_clip.transforms import pad_for
+from common.transforms import pad_for
 
 ERASE_SCALE = (0.02, 0.2)
 ERASE_RATIO = (0.3, 3.3)

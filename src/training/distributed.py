@@ -1,6 +1,6 @@
 """Process-group set-up (rank / world / device, rendezvous, teardown) and the object collectives of the trainer.
 
-With fast_clip/collectives.py (rank, world size and the tensor collectives the losses use, re-exported here) this is
+With common/collectives.py (rank, world size and the tensor collectives the losses use, re-exported here) this is
 all of the project's ``torch.distributed``; everything degrades to a no-op in a single process so the same code runs
 under ``python`` and ``torchrun``.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 # rank / world size and the tensor collectives live below the trainer (the losses use them); re-exported here
-from fast_clip.collectives import (all_gather_no_grad, all_gather_with_grad, all_reduce_mean,  # noqa: F401
+from common.collectives import (all_gather_no_grad, all_gather_with_grad, all_reduce_mean,  # noqa: F401
                                    all_reduce_sum, is_dist, rank, world_size)
 
 

@@ -19,7 +19,7 @@ from training import runlock, stop
 from training.config import TrainConfig
 from training.params import parse_args
 from training.run_dir import RunFolder, tell_launcher
-from training.seeding import Stream, rng_seed
+from common.seeding import Stream, rng_seed
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.seeding import Stream, rng_seed
+from common.seeding import Stream, rng_seed
 
 
 def _token_embedding(clip: nn.Module) -> nn.Embedding:

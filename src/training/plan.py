@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from training.seeding import Stream, rng_seed
+from common.seeding import Stream, rng_seed
 
 
 def batches_per_rank(num_samples: int, world: int, batch: int) -> int:

@@ -12,7 +12,7 @@ from training import distributed as dist_utils
 from training.dga import forward_backward
 from training.objective import draw_mix
 from training.optim import lr_at, set_lr
-from training.seeding import Stream, rng_seed
+from common.seeding import Stream, rng_seed
 
 # open_clip clamps the learned logit scale at ln(100) (temperature >= 0.01) to keep the softmax stable.
 MAX_LOGIT_SCALE = math.log(100.0)

@@ -17,7 +17,7 @@ import torch
 
 from fast_clip.losses import build_loss
 from fast_clip.model import WeightsFileError, create_model, default_image_size, get_tokenizer
-from fast_clip.transforms import build_transform, clean_caption
+from common.transforms import build_transform, clean_caption
 from training import distributed as dist_utils
 from training import stop
 from training.checkpoint import CheckpointError, Checkpointer

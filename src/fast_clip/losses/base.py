@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fast_clip import collectives as dist_utils
+from common import collectives as dist_utils
 from fast_clip.losses.config import INFONCE_FAMILY, STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
 from fast_clip.schedules import warmup_cosine
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from fast_clip import collectives as dist_utils
+from common import collectives as dist_utils
 from fast_clip.losses.base import ContrastiveLoss
 from fast_clip.losses.config import (TAU_GRAD_CLAMP, TAU_MAX, TAU_MIN, U_RESET_BELOW, U_RESET_BELOW_OFFICIAL,
                                      LossConfig, state_placement)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from fast_clip import collectives as dist_utils
+from common import collectives as dist_utils
 from fast_clip.losses.base import ContrastiveLoss
 from fast_clip.losses.config import LossConfig
 from fast_clip.losses.kernels import blocked_cross_entropy, blocked_identity_loss, same_person_counts
