@@ -1,6 +1,11 @@
 """Run under torchrun (or plain python): two optimizer steps of the real trainer step on a fixed global batch, each
 rank taking its slice, and rank 0 saving the parameters, the loss state and the number of gradient all-reduce calls
-per step. The test compares 1 and 2 processes, with and without DGA chunks (``--accum-freq``)."""
+per step. The test compares 1 and 2 processes, with and without DGA chunks (``--accum-freq``).
+
+``--float64`` (first after the loss name) builds the model, the batch, the identity head and the loss tables in float64:
+the equality tests run so, because after an AdamW step a rounding-level gradient difference on an entry whose gradient
+is near AdamW's eps becomes a parameter difference of up to lr x (noise / eps), which in float32 is ~1e-5 and passes
+or fails with the CPU's kernels; in float64 it is ~1e-13."""
 import sys
 
 
@@ -15,13 +20,18 @@ from training.objective import Objective, TrainModule
 from training.train import train_step
 
 out_path, loss_name = sys.argv[1], sys.argv[2]
+float64 = sys.argv[3:4] == ["--float64"]
+if float64:
+    del sys.argv[3]
+    torch.set_default_dtype(torch.float64)
 B, STEPS = 8, 2
 args = parse_args(["--train-data", "unused", "--model", "PersonTiny", "--loss", loss_name, "--local-loss",
                    "--data_size", "32"] + sys.argv[3:])
 env = du.init_distributed("cpu")
 torch.manual_seed(0)
 model = create_model("PersonTiny")
-loss_fn = build_loss(args.loss_config, data_size=32, device=env.device)
+loss_fn = build_loss(args.loss_config, data_size=32, device=env.device,
+                     dtype=torch.float64 if float64 else torch.float32)
 if loss_fn.initial_logit_scale() is not None:
     with torch.no_grad():
         model.logit_scale.fill_(loss_fn.initial_logit_scale())

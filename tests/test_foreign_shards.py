@@ -108,6 +108,7 @@ def test_caption_from_a_json_field_and_missing_caption_names_the_field(tmp_path)
     assert e.value.reason == "bad_json" and "pid" in e.value.detail
 
 
+@pytest.mark.slow  # a whole training run
 @pytest.mark.parametrize("loss", ["openclip", "fastclip-v3"])
 def test_foreign_shards_train_stop_and_resume_bit_identically(tmp_path, loss):
     from training.main import main

@@ -36,6 +36,7 @@ def _hashes(d):
             if p.is_file() and p.name != ".lock"}
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_reused_name_is_refused_and_the_old_run_is_untouched(shards, tmp_path, capsys):
     from training.main import main
 
@@ -111,6 +112,7 @@ def test_sigterm_under_torchrun_saves_and_resumes_bit_identically(shards, tmp_pa
             torch.testing.assert_close(b["loss"][k], v, atol=0, rtol=0, msg=k)
 
 
+@pytest.mark.slow  # a whole training run
 def test_keep_last_k_and_weights_only_epoch_files_still_evaluate_and_resume(shards, tmp_path):
     from evaluation.evaluate import load_model
     from training.main import main

@@ -41,6 +41,7 @@ def _train(tmp_path, name, spec, loss="fastclip-v3"):
     return torch.load(tmp_path / name / "checkpoints" / "epoch_1.pt", weights_only=True)
 
 
+@pytest.mark.slow  # a whole training run
 def test_http_file_and_pipe_specs_train_exactly_like_local_disk(served, tmp_path):
     local = served["root"] / "tiny" / "train"
     ref = _train(tmp_path, "local", str(local))
