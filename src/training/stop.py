@@ -4,10 +4,16 @@ The handler only records the signal; the epoch loop asks after every step whethe
 of a flag), so all ranks finish the same step, write latest.pt together and exit cleanly, and ``--resume latest``
 continues exactly there. A second Ctrl-C interrupts at once. Data-loader workers ignore both signals: a job-wide
 SIGTERM (SLURM signals every process of the step) must not kill them before the main process has saved.
+
+A rank whose launcher dies stops the same way: torchrun starts each rank in a session of its own, so `kill -9` of the
+launcher's process group (a closed terminal, a tmux kill, a container stop) leaves the ranks running, parented to
+init, training and holding the run's lock. On Linux each rank asks the kernel for SIGTERM when its parent dies.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import torch
 
@@ -52,7 +58,28 @@ def install() -> None:
         try:
             _previous[sig] = signal.signal(sig, _handler)
         except ValueError:  # not the main thread (e.g. a test runner thread): no handler
-            pass
+            return
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun child; a plain `nohup python ... &` must outlive its shell
+        stop_when_parent_dies()
+
+
+def stop_when_parent_dies() -> bool:
+    """Have the kernel send this process SIGTERM when its parent (the launcher) dies: the handler above then stops
+    the run after the current step, as on pre-emption. Linux only (prctl); False where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # it died before the request: nobody will send the signal
+        _handler(signal.SIGTERM, None)
+    return True
 
 
 def uninstall() -> None:
