@@ -10,98 +10,26 @@ import argparse
 import json
 import sys
 
-from common.fsio import get_fs
-from data_prep.images import FileImageLoader
-from data_prep.readers import READERS
 from data_prep.records import Drops, PrepError
-
-DATASET_HELP = {
-    "cuhkpedes": "CUHK-PEDES reid_raw.json: [{split, captions, file_path, id, processed_tokens?}]",
-    "icfgpedes": "ICFG-PEDES (same schema as CUHK-PEDES; train/test only)",
-    "rstpreid": "RSTPReid data_captions.json: [{id, img_path, captions, split}]",
-    "tbps": "one JSON list per split [{file_path, id, captions, captions_bt?}]: --annotations train.json "
-            "--annotations test.json ..., or --annotations DIR holding train.json/val.json/test.json",
-    "generated": "text-to-image output: [{id, image_path, caption}], one caption per record",
-    "csv": "ZeroVL-style table with columns image, image_id, caption, caption_id (one row per caption)",
-}
+from data_prep.sources import OUTPUT_OPTIONS, SOURCES, Source
 
 
-def _positive(v):
-    n = int(float(v))
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
-
-def _rgb(v):
-    try:
-        rgb = tuple(int(x) for x in v.split(","))
-    except ValueError:
-        rgb = ()
-    if len(rgb) != 3 or not all(0 <= x <= 255 for x in rgb):
-        raise argparse.ArgumentTypeError("expected R,G,B with each value in 0..255, e.g. 255,255,255")
-    return rgb
-
-
-def _frac(v):
-    f = float(v)
-    if not 0 <= f < 1:
-        raise argparse.ArgumentTypeError("must be in [0, 1)")
-    return f
-
-
-def _common(p):
+def _add_source(sub, source: Source) -> None:
+    p = sub.add_parser(source.name, help=source.help, description=source.description)
+    for o in source.options:
+        p.add_argument(*o.flags, **o.kwargs)
     g = p.add_argument_group("output")
-    g.add_argument("--output", "-o", required=True, help="output directory or fsspec URL (memory://, s3://...)")
-    g.add_argument("--maxcount", type=_positive, default=1000, help="samples per shard (default 1000)")
-    g.add_argument("--maxsize", type=_positive, default=int(1e9), help="max bytes per shard (default 1e9)")
-    g.add_argument("--workers", type=int, default=1, help="processes for image loading/generation and shard "
-                   "packing; the output does not depend on it (default 1)")
-    g.add_argument("--overwrite", action="store_true", help="rewrite every shard even if an identical one exists")
-    g.add_argument("--strict", action="store_true", help="fail on the first bad record instead of dropping it")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--drops-file", default=None,
-                   help="write every dropped record (reason, file, record index, field, detail, split) to this file "
-                        "as JSON lines, also when the run fails")
+    for o in OUTPUT_OPTIONS:
+        g.add_argument(*o.flags, **o.kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per entry of SOURCES, then the two that read shards instead of writing them."""
     ap = argparse.ArgumentParser(prog="make_shards.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="source", required=True, metavar="SOURCE")
-
-    p = sub.add_parser("synthetic", help="procedural pedestrians with identities and captions")
-    p.add_argument("--num-ids", type=_positive, default=1000, help="identities (default 1000)")
-    p.add_argument("--images-per-id", type=_positive, default=4, help="images per identity (default 4)")
-    p.add_argument("--captions-per-image", type=_positive, default=2, help="captions per image (default 2)")
-    p.add_argument("--height", type=_positive, default=256, help="image height (default 256)")
-    p.add_argument("--width", type=_positive, default=128, help="image width (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="everything derives from it (default 0)")
-    p.add_argument("--val-frac", type=_frac, default=0.1, help="fraction of identities in val (default 0.1)")
-    p.add_argument("--test-frac", type=_frac, default=0.1, help="fraction of identities in test (default 0.1)")
-    _common(p)
-
-    for name, desc in DATASET_HELP.items():
-        p = sub.add_parser(name, help=desc, description=desc)
-        if name == "tbps":
-            p.add_argument("--annotations", required=True, action="append",
-                           help="train.json/val.json/test.json (repeat) or a directory holding them")
-        else:
-            p.add_argument("--annotations", required=True, help="annotation file (path or fsspec URL)")
-        p.add_argument("--images", required=True, help="image root the annotation paths are relative to")
-        p.add_argument("--encoding", default="utf-8",
-                       help="text encoding of the annotation file (default utf-8; e.g. latin-1, cp1252)")
-        p.add_argument("--max-side", type=int, default=0,
-                       help="shrink images whose longer side exceeds this (re-encoded as JPEG 95; default 0: keep)")
-        p.add_argument("--alpha-background", type=_rgb, default=(255, 255, 255), metavar="R,G,B",
-                       help="colour transparent pixels are composited on (default 255,255,255)")
-        if name in ("generated", "csv"):
-            p.add_argument("--split", default="train", help="split to write (the file has none; default train)")
-        if name == "csv":
-            p.add_argument("--id-column", default="image_id",
-                           help="column holding the identity (default image_id: every image its own identity)")
-            p.add_argument("--sep", default=None, help="column separator (default ',' or tab for .tsv)")
-        _common(p)
+    for source in SOURCES.values():
+        _add_source(sub, source)
 
     p = sub.add_parser("index", help="write sizes.json (sample count per shard) into a folder of webdataset "
                                      "shards made by another tool, so the trainer need not count them at start")
@@ -125,20 +53,7 @@ def run(args, command) -> int:
 def _run(args, command, drops) -> int:
     from data_prep.writer import summary, write_dataset
 
-    if args.source == "synthetic":
-        from data_prep.synthetic import SyntheticRenderer, synthetic_entries
-
-        if args.val_frac + args.test_frac >= 1:
-            raise PrepError("--val-frac + --test-frac must be < 1")
-        entries = synthetic_entries(args.num_ids, args.images_per_id, args.seed, args.val_frac, args.test_frac)
-        loader = SyntheticRenderer(args.seed, args.height, args.width, args.captions_per_image)
-    else:
-        kw = {k: getattr(args, k) for k in ("split", "id_column", "sep", "encoding") if hasattr(args, k)}
-        entries = READERS[args.source](args.annotations, drops, **kw)
-        fs, root = get_fs(args.images)
-        if not fs.isdir(root):  # a typo or an unmounted disk: every image would be dropped as missing
-            raise PrepError(f"--images {args.images}: no such directory (nothing in {args.output} was changed)")
-        loader = FileImageLoader(fs, root, args.max_side, args.alpha_background)
+    entries, loader = SOURCES[args.source].prepare(args, drops)
     if not entries:
         example = ""
         if drops.records:  # name the field: a wrong source type shows up as the same field missing everywhere

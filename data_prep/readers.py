@@ -1,4 +1,4 @@
-"""One reader per annotation format. Each returns {split: [Entry, ...]} in file order; per-record problems go to
+"""One reader per annotation format (each registered as a source in sources.py). Each returns {split: [Entry, ...]} in file order; per-record problems go to
 Drops (counted, or raised under --strict), whole-file problems raise AnnotationError naming the file."""
 from __future__ import annotations
 
@@ -130,17 +130,17 @@ def _read_split_list(url, source, drops, id_f, img_f, cap_f, allowed, encoding="
     return col.by_split
 
 
-def read_cuhkpedes(annotations, drops, encoding="utf-8", **_):
+def read_cuhkpedes(annotations, drops, encoding="utf-8"):
     """reid_raw.json: [{split, captions, file_path, id, processed_tokens?}]; processed_tokens is ignored."""
     return _read_split_list(annotations, "cuhkpedes", drops, "id", "file_path", "captions", SPLITS, encoding)
 
 
-def read_icfgpedes(annotations, drops, encoding="utf-8", **_):
+def read_icfgpedes(annotations, drops, encoding="utf-8"):
     """Same schema as CUHK-PEDES; ICFG-PEDES itself only has train and test."""
     return _read_split_list(annotations, "icfgpedes", drops, "id", "file_path", "captions", SPLITS, encoding)
 
 
-def read_rstpreid(annotations, drops, encoding="utf-8", **_):
+def read_rstpreid(annotations, drops, encoding="utf-8"):
     """data_captions.json: [{id, img_path, captions, split}]. Captions are kept verbatim (the trainer cleans the
     missing space after full stops)."""
     return _read_split_list(annotations, "rstpreid", drops, "id", "img_path", "captions", SPLITS, encoding)
@@ -169,7 +169,7 @@ def tbps_files(annotations) -> list[tuple[str, str]]:
     return out
 
 
-def read_tbps(annotations, drops, encoding="utf-8", **_):
+def read_tbps(annotations, drops, encoding="utf-8"):
     """One JSON list per split: [{file_path, id, captions, captions_bt?}]. captions_bt (back-translations used as
     augmentation by TBPS-CLIP) are not packed: they are not human annotations."""
     col = _Collector("tbps", drops)
@@ -213,7 +213,7 @@ def _grouped(col, rows, url, split, id_key, img_key, cap_key):
     return col.by_split
 
 
-def read_generated(annotations, drops, split="train", encoding="utf-8", **_):
+def read_generated(annotations, drops, split="train", encoding="utf-8"):
     """[{id, image_path, caption}] as text-to-image pipelines write it: one caption per record."""
     data = load_json(annotations, encoding=encoding)
     col = _Collector("generated", drops)
@@ -227,7 +227,7 @@ def read_generated(annotations, drops, split="train", encoding="utf-8", **_):
 CSV_COLUMNS = ("image", "image_id", "caption", "caption_id")
 
 
-def read_csv(annotations, drops, split="train", id_column="image_id", sep=None, encoding="utf-8", **_):
+def read_csv(annotations, drops, split="train", id_column="image_id", sep=None, encoding="utf-8"):
     """ZeroVL-style table: image, image_id, caption, caption_id; one row per caption, no split column."""
     import pandas as pd
 
@@ -262,12 +262,3 @@ def read_csv(annotations, drops, split="train", id_column="image_id", sep=None, 
     return _grouped(col, [(i, oid, img, cap) for i, oid, img, cap, _ in rows], annotations, split,
                     id_column, "image", "caption")
 
-
-READERS = {
-    "cuhkpedes": read_cuhkpedes,
-    "icfgpedes": read_icfgpedes,
-    "rstpreid": read_rstpreid,
-    "tbps": read_tbps,
-    "generated": read_generated,
-    "csv": read_csv,
-}

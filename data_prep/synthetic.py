@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import random
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -203,37 +204,63 @@ def _pattern(d, box, a, u):
             x += step
 
 
-def render(a: dict, rng: random.Random, height: int, width: int) -> Image.Image:
-    # Draw on a small canvas and upscale: cheap, and the bilinear upscale doubles as the camera's blur.
-    s = rng.uniform(0.4, 0.62)
-    ch, cw = max(24, int(height * s)), max(12, int(width * s))
-    img, d = _background(rng, cw, ch)
+@dataclass(frozen=True)
+class _Figure:
+    """One person as placed on the small canvas of one image. Every body part is drawn from it, back to front
+    (_BODY_PARTS); only placing it and the camera draw from the image's random stream."""
+    a: dict          # the identity's attributes
+    view: str        # front, back or side
+    u: float         # body height in canvas pixels
+    top: float       # canvas y of the top of the head
+    cx: float        # canvas x of the body's axis
+    sw: float        # shoulder width
+    stride: float    # walking pose in [-1, 1]: leg and arm swing
+    lw: int          # leg width
+    skin: tuple
+    up: tuple        # upper garment colour
+    low: tuple       # lower garment colour
+    hair: tuple
 
+    def y(self, f: float) -> float:
+        """Canvas y of the point a fraction f of the body height below the top of the head."""
+        return self.top + f * self.u
+
+    @property
+    def head_r(self) -> float:
+        return 0.058 * self.u
+
+    @property
+    def hy(self) -> float:  # centre of the head
+        return self.y(0.075)
+
+
+def _place_figure(a: dict, rng: random.Random, ch: int, cw: int) -> _Figure:
     view = rng.choices(["front", "back", "side"], [0.4, 0.35, 0.25])[0]
     u = ch * rng.uniform(0.82, 0.97)  # body height: the person fills most of the crop
     top = (ch - u) * rng.uniform(0.15, 0.85)
     cx = cw * (0.5 + rng.uniform(-0.07, 0.07))
-    Y = lambda f: top + f * u  # noqa: E731
     build = {"slim": 0.24, "average": 0.28, "heavy": 0.34}[a["build"]]
     sw = build * u * (0.62 if view == "side" else 1.0)
-    skin = SKIN[a["skin"]]
-    up, low = PALETTE[a["upper_color"]], PALETTE[a["lower_color"]]
-    hair = HAIR[a["hair_color"]]
-    stride = rng.uniform(-1, 1)  # walking pose: leg and arm swing
+    stride = rng.uniform(-1, 1)
     lw = max(2, int(u * (0.12 if a["build"] == "heavy" else 0.1)))
-    hip_y, knee_y, ank_y = Y(0.52), Y(0.72), Y(0.94)
+    return _Figure(a, view, u, top, cx, sw, stride, lw, skin=SKIN[a["skin"]], up=PALETTE[a["upper_color"]],
+                   low=PALETTE[a["lower_color"]], hair=HAIR[a["hair_color"]])
 
-    # Long hair hangs behind the body in front/side views.
-    head_r = 0.058 * u
-    hy = Y(0.075)
-    if a["hair_length"] == "long" and view != "back":
-        d.rectangle([cx - head_r * 1.15, hy, cx + head_r * 1.15, Y(0.27)], fill=hair)
 
-    # Legs and lower garment.
-    spread = (0.05 if view == "side" else 0.035) * u
+def _long_hair_behind(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Long hair hangs behind the body in front/side views."""
+    if f.a["hair_length"] == "long" and f.view != "back":
+        d.rectangle([f.cx - f.head_r * 1.15, f.hy, f.cx + f.head_r * 1.15, f.y(0.27)], fill=f.hair)
+
+
+def _legs(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Legs in the lower garment (or bare), and shoes."""
+    a, u, cx, sw, lw, low, skin = f.a, f.u, f.cx, f.sw, f.lw, f.low, f.skin
+    hip_y, knee_y, ank_y = f.y(0.52), f.y(0.72), f.y(0.94)
+    spread = (0.05 if f.view == "side" else 0.035) * u
     for side in (-1, 1):
-        hx = cx + side * (sw * 0.22 if view != "side" else sw * 0.05)
-        fx = hx + side * abs(stride) * spread if view != "side" else cx + side * stride * spread * 2
+        hx = cx + side * (sw * 0.22 if f.view != "side" else sw * 0.05)
+        fx = hx + side * abs(f.stride) * spread if f.view != "side" else cx + side * f.stride * spread * 2
         kx = (hx + fx) / 2
         if a["lower_type"] in ("trousers", "jeans"):
             d.line([hx, hip_y, kx, knee_y, fx, ank_y], fill=low, width=lw, joint="curve")
@@ -242,64 +269,78 @@ def render(a: dict, rng: random.Random, height: int, width: int) -> Image.Image:
             d.line([hx, hip_y, (hx + kx) / 2, (hip_y + knee_y) / 2 + 0.03 * u], fill=low, width=lw + 1)
         else:
             d.line([hx, hip_y, kx, knee_y, fx, ank_y], fill=skin, width=max(1, lw - 1), joint="curve")
-        shoe_dx = 0.05 * u if view == "side" else 0.0
-        d.rectangle([fx - lw * 0.6, ank_y - 0.01 * u, fx + lw * 0.6 + shoe_dx, Y(1.0)],
+        shoe_dx = 0.05 * u if f.view == "side" else 0.0
+        d.rectangle([fx - lw * 0.6, ank_y - 0.01 * u, fx + lw * 0.6 + shoe_dx, f.y(1.0)],
                     fill=PALETTE[a["shoe_color"]])
-    waist = sw * (1.0 if a["build"] == "heavy" else 0.88)
-    if a["lower_type"] == "skirt":
-        d.polygon([(cx - waist / 2, Y(0.5)), (cx + waist / 2, Y(0.5)), (cx + waist * 0.85, Y(0.76)),
-                   (cx - waist * 0.85, Y(0.76))], fill=low)
+
+
+def _skirt_or_hips(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    waist = f.sw * (1.0 if f.a["build"] == "heavy" else 0.88)
+    cx, y = f.cx, f.y
+    if f.a["lower_type"] == "skirt":
+        d.polygon([(cx - waist / 2, y(0.5)), (cx + waist / 2, y(0.5)), (cx + waist * 0.85, y(0.76)),
+                   (cx - waist * 0.85, y(0.76))], fill=f.low)
     else:  # hips
-        d.rectangle([cx - waist / 2, Y(0.48), cx + waist / 2, hip_y + 0.02 * u], fill=low)
+        d.rectangle([cx - waist / 2, y(0.48), cx + waist / 2, y(0.52) + 0.02 * f.u], fill=f.low)
 
-    # Backpack seen from the side sits behind the torso.
-    if a["backpack"] and view == "side":
-        d.rounded_rectangle([cx - sw * 0.5 - 0.1 * u, Y(0.18), cx - sw * 0.3, Y(0.44)], radius=2,
-                            fill=PALETTE[a["backpack"]])
 
-    # Torso.
-    bottom = Y(0.68) if a["upper_type"] == "coat" else Y(0.52)
-    box = [cx - sw / 2, Y(0.16), cx + sw / 2, bottom]
+def _backpack_behind(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """A backpack seen from the side sits behind the torso."""
+    if f.a["backpack"] and f.view == "side":
+        d.rounded_rectangle([f.cx - f.sw * 0.5 - 0.1 * f.u, f.y(0.18), f.cx - f.sw * 0.3, f.y(0.44)], radius=2,
+                            fill=PALETTE[f.a["backpack"]])
+
+
+def _torso(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    a, u, cx, up = f.a, f.u, f.cx, f.up
+    bottom = f.y(0.68) if a["upper_type"] == "coat" else f.y(0.52)
+    box = [cx - f.sw / 2, f.y(0.16), cx + f.sw / 2, bottom]
     d.rounded_rectangle(box, radius=max(1, int(0.03 * u)), fill=up)
     if a["pattern"] in ("stripes", "checks"):
         _pattern(d, box, a, u)
-    elif a["pattern"] == "logo" and view != "back":
+    elif a["pattern"] == "logo" and f.view != "back":
         r = 0.045 * u
-        d.ellipse([cx - r, Y(0.27) - r, cx + r, Y(0.27) + r], fill=PALETTE[a["pattern_color"]])
-    if a["upper_type"] in ("jacket", "coat") and view == "front":
-        d.line([cx, Y(0.17), cx, bottom], fill=tuple(int(c * 0.6) for c in up), width=max(1, int(0.012 * u)))
+        d.ellipse([cx - r, f.y(0.27) - r, cx + r, f.y(0.27) + r], fill=PALETTE[a["pattern_color"]])
+    if a["upper_type"] in ("jacket", "coat") and f.view == "front":
+        d.line([cx, f.y(0.17), cx, bottom], fill=tuple(int(c * 0.6) for c in up), width=max(1, int(0.012 * u)))
 
-    # Arms: sleeve colour down to the elbow or the wrist, then skin.
+
+def _arms(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Arms: sleeve colour down to the elbow or the wrist, then skin; a handbag hangs from the last one."""
+    a, u, cx, y, view = f.a, f.u, f.cx, f.y, f.view
     aw = max(2, int(0.065 * u))
     arms = (1,) if view == "side" else (-1, 1)
     for side in arms:
-        sx = cx + side * (sw / 2 + aw * 0.3) if view != "side" else cx
-        swing = -stride * 0.06 * u * (side if view != "side" else 1)
-        ex, ey = sx + swing * 0.5, Y(0.34)
-        hx_, hy_ = sx + swing, Y(0.5)
+        sx = cx + side * (f.sw / 2 + aw * 0.3) if view != "side" else cx
+        swing = -f.stride * 0.06 * u * (side if view != "side" else 1)
+        ex, ey = sx + swing * 0.5, y(0.34)
+        hx_, hy_ = sx + swing, y(0.5)
         if a["sleeve"] == "long":
-            d.line([sx, Y(0.18), ex, ey, hx_, hy_ - 0.02 * u], fill=up, width=aw, joint="curve")
-            d.ellipse([hx_ - aw / 2, hy_ - 0.03 * u, hx_ + aw / 2, hy_ + 0.015 * u], fill=skin)
+            d.line([sx, y(0.18), ex, ey, hx_, hy_ - 0.02 * u], fill=f.up, width=aw, joint="curve")
+            d.ellipse([hx_ - aw / 2, hy_ - 0.03 * u, hx_ + aw / 2, hy_ + 0.015 * u], fill=f.skin)
         else:
-            d.line([ex, ey, hx_, hy_], fill=skin, width=max(1, aw - 1))
-            d.line([sx, Y(0.18), (sx + ex) / 2, Y(0.27)], fill=up, width=aw + 1)
+            d.line([ex, ey, hx_, hy_], fill=f.skin, width=max(1, aw - 1))
+            d.line([sx, y(0.18), (sx + ex) / 2, y(0.27)], fill=f.up, width=aw + 1)
         if a["handbag"] and side == arms[-1]:
             hb = PALETTE[a["handbag"]]
-            d.line([sx, Y(0.18), hx_, Y(0.43)], fill=hb, width=1)
-            d.rectangle([hx_ - 0.06 * u, Y(0.43), hx_ + 0.05 * u, Y(0.53)], fill=hb)
+            d.line([sx, y(0.18), hx_, y(0.43)], fill=hb, width=1)
+            d.rectangle([hx_ - 0.06 * u, y(0.43), hx_ + 0.05 * u, y(0.53)], fill=hb)
 
-    # Head, hair, hat, glasses.
-    d.rectangle([cx - head_r * 0.45, Y(0.11), cx + head_r * 0.45, Y(0.17)], fill=skin)
+
+def _head(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Neck, head, hair, glasses and hat."""
+    a, u, cx, hy, head_r, hair = f.a, f.u, f.cx, f.hy, f.head_r, f.hair
+    d.rectangle([cx - head_r * 0.45, f.y(0.11), cx + head_r * 0.45, f.y(0.17)], fill=f.skin)
     head = [cx - head_r, hy - head_r * 1.15, cx + head_r, hy + head_r * 1.15]
-    if view == "back" and a["hair_length"] != "bald":
+    if f.view == "back" and a["hair_length"] != "bald":
         d.ellipse(head, fill=hair)
         if a["hair_length"] == "long":
-            d.rectangle([cx - head_r * 1.1, hy, cx + head_r * 1.1, Y(0.28)], fill=hair)
+            d.rectangle([cx - head_r * 1.1, hy, cx + head_r * 1.1, f.y(0.28)], fill=hair)
     else:
-        d.ellipse(head, fill=skin)
+        d.ellipse(head, fill=f.skin)
         if a["hair_length"] != "bald":
             d.chord([head[0], head[1], head[2], head[3] - head_r * 0.7], 180, 360, fill=hair)
-            if view == "side":
+            if f.view == "side":
                 d.pieslice(head, 270, 90 + 180, fill=hair)
         if a["glasses"]:
             gy = hy - head_r * 0.05
@@ -309,16 +350,25 @@ def render(a: dict, rng: random.Random, height: int, width: int) -> Image.Image:
         d.chord([head[0] - 1, head[1] - 1, head[2] + 1, hy + head_r * 0.2], 180, 360, fill=hc)
         d.rectangle([head[0] - 0.02 * u, hy - head_r * 0.35, head[2] + 0.02 * u, hy - head_r * 0.15], fill=hc)
 
-    # Backpack: a big patch over the back in back view, straps in front view.
-    if a["backpack"] and view == "back":
-        bp = PALETTE[a["backpack"]]
-        d.rounded_rectangle([cx - sw * 0.36, Y(0.19), cx + sw * 0.36, Y(0.46)], radius=2, fill=bp)
-    elif a["backpack"] and view == "front":
-        bp = PALETTE[a["backpack"]]
-        for side in (-1, 1):
-            d.line([cx + side * sw * 0.3, Y(0.16), cx + side * sw * 0.3, Y(0.38)], fill=bp,
-                   width=max(1, int(0.025 * u)))
 
+def _backpack_over(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """A backpack: a big patch over the back in back view, straps in front view."""
+    if not f.a["backpack"]:
+        return
+    bp, cx, sw = PALETTE[f.a["backpack"]], f.cx, f.sw
+    if f.view == "back":
+        d.rounded_rectangle([cx - sw * 0.36, f.y(0.19), cx + sw * 0.36, f.y(0.46)], radius=2, fill=bp)
+    elif f.view == "front":
+        for side in (-1, 1):
+            d.line([cx + side * sw * 0.3, f.y(0.16), cx + side * sw * 0.3, f.y(0.38)], fill=bp,
+                   width=max(1, int(0.025 * f.u)))
+
+
+_BODY_PARTS = (_long_hair_behind, _legs, _skirt_or_hips, _backpack_behind, _torso, _arms, _head, _backpack_over)
+
+
+def _camera(img: Image.Image, rng: random.Random, height: int, width: int) -> Image.Image:
+    """Blur, upscale to the output size, and light the scene."""
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     img = img.resize((width, height), Image.BILINEAR)
@@ -330,6 +380,17 @@ def render(a: dict, rng: random.Random, height: int, width: int) -> Image.Image:
         b = rng.uniform(-12, 12)
         lut += [min(255, max(0, int(v * g + b))) for v in range(256)]
     return img.point(lut)
+
+
+def render(a: dict, rng: random.Random, height: int, width: int) -> Image.Image:
+    # Draw on a small canvas and upscale: cheap, and the bilinear upscale doubles as the camera's blur.
+    s = rng.uniform(0.4, 0.62)
+    ch, cw = max(24, int(height * s)), max(12, int(width * s))
+    img, d = _background(rng, cw, ch)
+    figure = _place_figure(a, rng, ch, cw)
+    for part in _BODY_PARTS:
+        part(d, figure)
+    return _camera(img, rng, height, width)
 
 
 # -------------------------------------------------------------------------------------------------- captions ---

@@ -1,6 +1,7 @@
 """data_prep: readers, the shard contract, determinism, re-runs, bad input, fsspec output, verify."""
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
@@ -439,6 +440,27 @@ def test_help_for_every_source(capsys):
             make_shards.main([src, "--help"])
         assert e.value.code == 0
     assert "--annotations" in capsys.readouterr().out
+
+
+def test_every_source_is_one_registry_entry(capsys):
+    """Each SOURCES entry is a subcommand whose --help names every flag the entry declares (and the output flags);
+    the only other subcommands are the two that read shards."""
+    from data_prep.sources import OUTPUT_OPTIONS, SOURCES
+
+    sub = next(a for a in make_shards.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == [*SOURCES, "index", "verify"]
+    for name, source in SOURCES.items():
+        assert source.name == name
+        with pytest.raises(SystemExit) as e:
+            make_shards.main([name, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        for o in (*source.options, *OUTPUT_OPTIONS):
+            assert all(flag in out for flag in o.flags), (name, o.flags)
+    with pytest.raises(SystemExit):
+        make_shards.main(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())  # each source's line, unwrapped
+    assert all(f"{name} {' '.join(s.help.split())}" in listing for name, s in SOURCES.items())
 
 
 def test_csv_bad_rows_are_counted(tmp_path):

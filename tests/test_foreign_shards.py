@@ -47,7 +47,7 @@ def write_foreign(root, style: str, n=48, per_shard=16):
 def test_counts_come_from_stats_files_or_one_scan_written_as_sizes_json(tmp_path):
     a = write_foreign(str(tmp_path / "a"), "img2dataset", n=40)
     s = D.load_shard_set(a)
-    assert s.counts == [16, 16, 8] and not s.ours and s.split_ids is None
+    assert s.counts == [16, 16, 8] and not s.is_make_shards_split and s.split_ids is None
     assert not os.path.exists(os.path.join(a, "sizes.json"))  # the stats files were enough
     b = write_foreign(str(tmp_path / "b"), "bare", n=40)
     logged = []
@@ -66,15 +66,15 @@ def test_an_unreadable_shard_without_counts_is_a_clear_error(tmp_path):
         D.load_shard_set(str(tmp_path / "a.tar"))
 
 
-def test_keys_are_positions_in_the_fixed_shard_list(tmp_path):
-    """Each pair's loss-state index is its position (not a json key): every epoch, every pair once, same index."""
+def test_pair_indices_are_positions_in_the_fixed_shard_list(tmp_path):
+    """Each pair's pair index is its position (not a json key): every epoch, every pair once, same index."""
     from fast_clip.model import get_tokenizer
     from common.transforms import build_transform, clean_caption
 
     a = write_foreign(str(tmp_path / "a"), "img2dataset", n=48)
     b = write_foreign(str(tmp_path / "b"), "bare", n=32)
     sets = D.load_train_sets(f"{a}::{b}")
-    assert [s.key_offset for s in sets] == [0, 48]
+    assert [s.pair_index_offset for s in sets] == [0, 48]
     dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption)
     stream = D.TrainStream(sets, D.LoaderConfig(batch_size=8, workers=0, seed=0, shuffle_buffer=4), dec,
                            get_tokenizer("PersonTiny"), rank=0, world=1)
@@ -102,9 +102,9 @@ def test_caption_from_a_json_field_and_missing_caption_names_the_field(tmp_path)
     with pytest.raises(D._BadSample) as e:
         dec({"jpg": raw["jpg"], "txt": b"x"}, s, 0)
     assert e.value.reason == "missing_caption" and "'caption'" in e.value.detail
-    ours = D.ShardSet(spec="x", urls=["x"], counts=[1], split_ids=3, ours=True)
+    split = D.ShardSet(spec="x", urls=["x"], counts=[1], split_ids=3, is_make_shards_split=True)
     with pytest.raises(D._BadSample) as e:
-        dec({"jpg": raw["jpg"], "caption": b"x", "json": b'{"key": 0}'}, ours, 0)
+        dec({"jpg": raw["jpg"], "caption": b"x", "json": b'{"key": 0}'}, split, 0)
     assert e.value.reason == "bad_json" and "pid" in e.value.detail
 
 

@@ -29,7 +29,9 @@ FORMAT_VERSION = 1
 KEY_DIGITS = 9                                    # __key__ = f"{key:09d}"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")       # read in this order of preference
 TEXT_EXT, META_EXT = "txt", "json"
-# json fields every sample of our format carries, with their types (docs/DATA.md)
+# json fields every sample of our format carries, with their types (docs/DATA.md). ``key`` is the sample's position
+# in its split, 0..N-1 (its __key__ too). The trainer does not read it: it indexes a pair by the pair's position in
+# the --train-data shard list (the *pair index*, training/data.py), which equals ``key`` for one whole split.
 META_FIELDS = {"key": int, "pid": int, "orig_id": (int, str), "source": str, "image": str, "image_id": int,
                "caption_id": int}
 SIZES_FILE, MANIFEST_FILE = "sizes.json", "manifest.json"
@@ -316,11 +318,13 @@ def image_ext(sample: dict) -> str | None:
 
 
 def key_name(key: int) -> str:
+    """The ``__key__`` (member name stem) of the sample whose json ``key`` is ``key``."""
     return f"{key:0{KEY_DIGITS}d}"
 
 
 def make_sample(key: int, jpg: bytes, caption: str, meta: dict) -> dict:
-    """One pair of our format; JSON with sorted keys so that the bytes depend only on the content."""
+    """One pair of our format; ``key``: its position in the split. JSON with sorted keys so that the bytes depend
+    only on the content."""
     return {"__key__": key_name(key), "jpg": jpg,
             META_EXT: json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
             TEXT_EXT: caption.encode("utf-8")}

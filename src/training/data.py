@@ -67,15 +67,16 @@ class Tally:
 
 @dataclass
 class ShardSet:
-    """One '::' set: its fixed shard list with sample counts. A pair's index in the loss state is its position in
-    this list (shard base + index in the shard) plus the set's key_offset, so no json key is needed and the state is
-    exactly as large as the data."""
+    """One '::' set: its fixed shard list with sample counts. A pair's *pair index* (the row of its FastCLIP
+    estimators, the batch's ``keys``) is its position in this list (shard base + index in the shard) plus the set's
+    pair_index_offset: no json ``key`` is read (that is the position in a make_shards split, docs/DATA.md), and the
+    state is exactly as large as the data."""
     spec: str
     urls: list[str]
     counts: list[int]
     split_ids: int | None      # identities of the split, when a manifest says so
-    ours: bool = False         # a make_shards split (manifest.json beside it): every sample has a json with a pid
-    key_offset: int = 0
+    is_make_shards_split: bool = False  # manifest.json beside it: every sample has a json with a pid
+    pair_index_offset: int = 0
     pid_offset: int = 0
     index: int = 0
     bases: list[int] = field(default_factory=list)  # position of each shard's first sample in the set
@@ -114,27 +115,27 @@ def load_shard_set(spec: str, index: int = 0, logger=None) -> ShardSet:
         by_dir: dict[str, list[str]] = {}
         for u in urls:
             by_dir.setdefault(shards.parent(u), []).append(u)
-        sizes, split_ids, ours = {}, None, True
+        sizes, split_ids, is_make_shards_split = {}, None, True
         for d, in_dir in by_dir.items():
             info = shards.read_split_info(d)  # (refuses a folder its manifest does not list)
             sizes[d] = _shard_counts(d, in_dir, logger)
-            ours = ours and info is not None
+            is_make_shards_split = is_make_shards_split and info is not None
             if info and info.get("identities") is not None:
                 split_ids = (split_ids or 0) + int(info["identities"])
         counts = [sizes[shards.parent(u)][shards.basename(u)] for u in urls]
     except shards.ShardError as e:
         raise DataError(f"--train-data set {spec!r}: {e}") from e
-    return ShardSet(spec=spec, urls=urls, counts=counts, split_ids=split_ids if ours else None, ours=ours,
-                    index=index)
+    return ShardSet(spec=spec, urls=urls, counts=counts, split_ids=split_ids if is_make_shards_split else None,
+                    is_make_shards_split=is_make_shards_split, index=index)
 
 
 def load_train_sets(train_data: str, logger=None) -> list[ShardSet]:
-    """Each '::' set gets key and pid offsets so that the loss state (one entry per pair) covers all sets."""
-    sets, key_off, pid_off = [], 0, 0
+    """Each '::' set gets pair index and pid offsets so that the loss state (one entry per pair) covers all sets."""
+    sets, index_off, pid_off = [], 0, 0
     for i, spec in enumerate(train_data.split("::")):
         s = load_shard_set(spec.strip(), index=i, logger=logger)
-        s.key_offset, s.pid_offset = key_off, pid_off
-        key_off += s.num_pairs
+        s.pair_index_offset, s.pid_offset = index_off, pid_off
+        index_off += s.num_pairs
         # Person ids of different sets are different people; without a manifest, leave a wide gap.
         pid_off += s.split_ids if s.split_ids is not None else 10_000_000
         sets.append(s)
@@ -161,8 +162,8 @@ def _warn(msg: str) -> None:
 
 
 def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
-    """(sample, set, key) at positions [start, end) of the sequence formed by ``order``; only overlapping shards are
-    read. key: the pair's index in the loss state (its position in its set's fixed shard list + the set's offset).
+    """(sample, set, pair index) at positions [start, end) of the sequence formed by ``order``; only overlapping
+    shards are read. The pair index is the pair's position in its set's fixed shard list + the set's offset.
     A shard holding more samples than its count is read only up to the count (the rest would take others' keys)."""
     pos = 0
     for sset, url, count, base in order:
@@ -176,7 +177,7 @@ def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
             if i >= stop:
                 break
             if i >= start:
-                yield raw, sset, sset.key_offset + base + i - pos
+                yield raw, sset, sset.pair_index_offset + base + i - pos
             i += 1
         pos += count
 
@@ -215,7 +216,7 @@ class LoaderConfig:
 
 @dataclass
 class SampleDecoder:
-    """Raw sample -> (image, caption, key, pid); raises _BadSample with a reason and what exactly is wrong.
+    """Raw sample -> (image, caption, pair index, pid); raises _BadSample with a reason and what exactly is wrong.
 
     A make_shards split needs its json (with the pid). Any other webdataset shard set needs only an image
     (jpg/jpeg/png/webp) and a caption: the ``caption_key`` member (default ``txt``) or, failing that, the json field
@@ -250,8 +251,8 @@ class SampleDecoder:
             return meta[k]
         raise _BadSample("missing_caption", f"no .{k} member and no '{k}' field in the json (--caption-key)")
 
-    def __call__(self, raw: dict, sset: ShardSet, key: int):
-        meta = self._meta(raw, required=sset.ours)
+    def __call__(self, raw: dict, sset: ShardSet, pair_index: int):
+        meta = self._meta(raw, required=sset.is_make_shards_split)
         text = self.clean(self._caption(raw, meta))
         if not text:
             raise _BadSample("empty_caption", "the caption is empty after clean-up")
@@ -263,7 +264,7 @@ class SampleDecoder:
                 im = im.convert("RGB")
         except Exception:  # PIL raises many types for corrupt data
             raise _BadSample("bad_image", f".{ext} does not decode")
-        return im, text, key, global_pid(meta.get("pid") if meta is not None else None, sset)
+        return im, text, pair_index, global_pid(meta.get("pid") if meta is not None else None, sset)
 
 
 class _BadSample(Exception):
@@ -420,16 +421,16 @@ class TrainStream(torch.utils.data.IterableDataset):
                 raw = streams[src]
             samples = []
             while len(samples) < b:
-                item, sset, key = next(raw)
+                item, sset, pair_index = next(raw)
                 seen += 1
                 try:
-                    samples.append((*self.decoder(item, sset, key), sset.index))
+                    samples.append((*self.decoder(item, sset, pair_index), sset.index))
                 except _BadSample as e:
                     bad += 1
                     counter.add(e.reason, (item.get("__url__"), item.get("__key__")))
                     if bad > max(16, self.cfg.max_bad_frac * seen):
-                        hint = ("check them with: python data_prep/make_shards.py verify OUTPUT" if sset.ours else
-                                "list a shard's members with: tar tf SHARD | head")
+                        hint = ("check them with: python data_prep/make_shards.py verify OUTPUT"
+                                if sset.is_make_shards_split else "list a shard's members with: tar tf SHARD | head")
                         raise DataError(
                             f"rank {self.rank} worker {w}: {bad} of {seen} samples read are unusable "
                             f"({dict(counter.delta)}); the last, key {item.get('__key__')} of "

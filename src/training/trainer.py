@@ -94,11 +94,11 @@ class Trainer:
                              f"--train-data (one loss-state entry per pair); leave it out to use {total}")
         for s in sets:
             log(f"data set {s.index}: {s.spec} | {len(s.urls)} shards | {s.num_pairs} pairs | "
-                f"keys {s.key_offset}..{s.key_offset + s.num_pairs - 1}"
-                + ("" if s.ours else " | not a make_shards split: no person ids, json optional"))
+                f"keys {s.pair_index_offset}..{s.pair_index_offset + s.num_pairs - 1}"
+                + ("" if s.is_make_shards_split else " | not a make_shards split: no person ids, json optional"))
         if cfg.loss.id_positives or cfg.data.loader.pairs_per_id:
             for s in sets:
-                if not s.ours:  # said once here, not per step: such pairs simply have no other positive
+                if not s.is_make_shards_split:  # said once here, not per step: such pairs simply have no other positive
                     log(f"--train-data set {s.spec!r} has no manifest.json: person ids come from each sample's "
                         f"json 'pid'; a pair without one is its own person only")
         if cfg.data.val_data:  # a typo must not cost an epoch
@@ -172,7 +172,7 @@ class Trainer:
         if not idc.enabled:
             return None
         from fast_clip.id_head import ArcFaceHead, LinearIdHead
-        foreign = [s.spec for s in self.sets if not s.ours]
+        foreign = [s.spec for s in self.sets if not s.is_make_shards_split]
         if foreign:
             raise SystemExit(f"error: --id-loss needs person ids, and {foreign} is not a make_shards split (no "
                              f"manifest.json with pids beside it); pack it with data_prep/make_shards.py or drop "
