@@ -131,8 +131,8 @@ def _fit_weights(model, sd: dict[str, torch.Tensor], path: str) -> None:
     except (IndexError, AssertionError, RuntimeError, ValueError) as e:
         # open_clip's resizers fail with IndexError / AssertionError on another architecture's tensors
         raise CheckpointError(f"weights file {path!r} does not fit model {type(model).__name__} "
-                               f"(position embeddings: {type(e).__name__}: {e}); is --model the architecture this "
-                               f"file was trained with?") from e
+                              f"(position embeddings: {type(e).__name__}: {e}); is --model the architecture this "
+                              f"file was trained with?") from e
     # buffers the model rebuilds itself (open_clip's attn_mask) are in a TorchScript archive's tensors, not its state
     for name in {n for n, _ in model.named_buffers()} - set(model.state_dict()):
         sd.pop(name, None)
