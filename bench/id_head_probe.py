@@ -22,7 +22,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
-from evaluation.evaluate import load_model, resolve_run  # noqa: E402
+from common import runs  # noqa: E402
+from evaluation.evaluate import load_model  # noqa: E402
 from evaluation.extract import extract_features, load_test_set  # noqa: E402
 from fast_clip.id_head import ArcFaceHead, LinearIdHead, arcface_loss  # noqa: E402
 from fast_clip.losses import LossConfig, build_loss  # noqa: E402
@@ -46,9 +47,10 @@ def _prototypes(head) -> torch.Tensor:
 
 def probe_run(run: Path, ts, device="cpu") -> dict:
     # the evaluator's run reading: its final epoch_N.pt, its model name and image size
-    params, ckpt, _, name, image_size = resolve_run(str(run), None, None, None)
+    w = runs.resolve(str(run), None)
+    params, ckpt, name, image_size = w.params, w.path, w.model, w.image_size
     model = load_model(name, ckpt, image_size, device).eval()
-    ck = torch.load(ckpt, map_location="cpu", weights_only=True)  # the identity head sits beside the state_dict
+    ck = runs.load(ckpt)  # the identity head sits beside the state_dict
     img, txt = extract_features(model, get_tokenizer(name), build_transform(tuple(image_size), train=False), ts, device)
     num_ids = int(max(ts.gallery_pids.max(), ts.query_pids.max())) + 1
     gp, qp = torch.as_tensor(ts.gallery_pids), torch.as_tensor(ts.query_pids)

@@ -120,7 +120,7 @@ def test_export_sh(exported, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "my onnx"  # a space: the launcher must quote its arguments
     res = subprocess.run(["bash", str(ROOT / "scripts" / "export_onnx.sh"), str(exported["run"]), "--epoch", "1",
-                          "--out", str(out), "--batch-check", "2"], capture_output=True, text=True, env=env,
+                          "--output", str(out), "--batch-check", "2"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert (out / "image_encoder.onnx").is_file() and (out / "text_encoder.onnx").is_file()
@@ -153,7 +153,7 @@ def test_missing_or_bad_checkpoint(tmp_path, capsys):
     err = _err([str(run)], capsys)
     assert str(run / "checkpoints" / "epoch_3.pt") in err and "cannot read" in err
     missing = tmp_path / "nope.pt"
-    err = _err(["--pretrained", str(missing), "--model", "PersonTiny", "--out", str(tmp_path / "o")], capsys)
+    err = _err(["--pretrained", str(missing), "--model", "PersonTiny", "--out", str(tmp_path / "o")], capsys)  # alias
     assert str(missing) in err and "does not exist" in err
     assert not (run / "onnx").exists() and not (tmp_path / "o").exists()
 
@@ -172,3 +172,28 @@ def test_diff_above_atol_fails(exported, tmp_path, monkeypatch, capsys):
     err = _err([str(exported["run"]), "--out", str(out)], capsys, rc=1)
     assert "--atol 0.0001" in err and "text 3.000e-03" in err and "image" not in err
     assert json.loads((out / "export.json").read_text())["check"]["passed"] is False
+
+
+def _fake_export(monkeypatch, max_abs_diff=1e-6):
+    monkeypatch.setattr(export_onnx, "export_encoders", lambda model, size, ctx, out_dir, **kw: {
+        "image": os.path.join(out_dir, "image_encoder.onnx"), "text": os.path.join(out_dir, "text_encoder.onnx")})
+    monkeypatch.setattr(export_onnx, "verify_encoders", lambda *a, **kw: {
+        k: {"max_abs_diff": max_abs_diff, "max_norm_error": 0.0, "dim": 128} for k in ("image", "text")})
+
+
+def test_a_checkpoint_of_this_trainer_says_its_model_and_size(tmp_path, monkeypatch, capsys):
+    """--pretrained with one of our checkpoints needs no --model / --image-size: both are stored in it (the export
+    itself is stubbed; what is checked is what the report says was loaded)."""
+    from fast_clip.model import create_model
+
+    _write_run(tmp_path / "run", create_model("PersonTiny"), epochs=(2,))
+    _fake_export(monkeypatch)
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch_2.pt"
+    out = tmp_path / "o"
+    out.mkdir()
+    assert main(["--pretrained", str(ckpt), "--output", str(out)]) == 0, capsys.readouterr().err
+    rep = json.loads((out / "export.json").read_text())
+    assert (rep["model"], rep["image_size"], rep["epoch"]) == ("PersonTiny", [64, 32], 2)
+    torch.save(create_model("PersonTiny").state_dict(), tmp_path / "plain.pt")
+    err = _err(["--pretrained", str(tmp_path / "plain.pt"), "--output", str(out)], capsys)
+    assert "not a checkpoint of this trainer" in err and "--model NAME" in err

@@ -12,7 +12,7 @@ import torch
 from shard_fixtures import write_shards
 from test_training import ENV, MAIN, PY, ROOT, run_main
 
-from training import checkpoint as ckpt_lib
+from common import runs
 
 
 def _train_args(shards_dir, logs, name, *extra):
@@ -97,7 +97,7 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
 
 def test_failed_checkpoint_write_leaves_previous_valid(tmp_path, monkeypatch):
     d = str(tmp_path)
-    ckpt_lib.save_latest({"state_dict": {"w": torch.ones(3)}, "step": 1}, d)
+    runs.save_latest({"state_dict": {"w": torch.ones(3)}, "step": 1}, d)
     real_save = torch.save
 
     def full_disk(obj, f, *a, **k):
@@ -106,11 +106,11 @@ def test_failed_checkpoint_write_leaves_previous_valid(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="No space"):
-        ckpt_lib.save_latest({"state_dict": {"w": torch.zeros(3)}, "step": 2}, d)
+        runs.save_latest({"state_dict": {"w": torch.zeros(3)}, "step": 2}, d)
     monkeypatch.setattr(torch, "save", real_save)
     assert not any(".tmp" in n for n in os.listdir(d))  # no half-written file left behind
     assert not os.path.exists(os.path.join(d, "latest.pt"))
-    ckpt, path = ckpt_lib.load_latest(d, warn=lambda m: None)
+    ckpt, path = runs.load_latest(d, warn=lambda m: None)
     assert path.endswith("latest_prev.pt") and ckpt["step"] == 1
 
 
@@ -134,14 +134,14 @@ class _Payload:
 
 @pytest.mark.slow
 def test_pickled_code_payload_is_refused_never_run(tmp_path):
-    from fast_clip.model import WeightsFileError, create_model
+    from fast_clip.model import create_model
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as f:
         torch.save({"state_dict": {"w": torch.ones(1)}, "extra": _Payload(marker)}, f)
-    with pytest.raises(ckpt_lib.CheckpointError, match="refusing"):
-        ckpt_lib.load(str(evil))
-    with pytest.raises(WeightsFileError, match="refusing"):
+    with pytest.raises(runs.CheckpointError, match="refusing"):
+        runs.load(str(evil))
+    with pytest.raises(runs.CheckpointError, match="refusing"):
         create_model("PersonTiny", pretrained=str(evil))
     assert not marker.exists()
     # Through the CLI: --resume with such a file stops with the message, and nothing ran.

@@ -15,6 +15,8 @@ import torch
 
 from shard_fixtures import write_shards
 
+from common import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "src" / "training" / "main.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
@@ -130,11 +132,10 @@ def test_keep_last_k_and_weights_only_epoch_files_still_evaluate_and_resume(shar
     for k, v in full["state_dict"].items():
         torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0)
     # resume takes only checkpoints that can resume: past weights-only epoch files
-    from training import checkpoint as ckpt_lib
-    assert ckpt_lib.load_latest(str(ck))[1].endswith("latest.pt")
+    assert runs.load_latest(str(ck))[1].endswith("latest.pt")
     (ck / "latest.pt").unlink()
     (ck / "latest_prev.pt").unlink(missing_ok=True)
-    assert ckpt_lib.load_latest(str(ck)) is None
+    assert runs.load_latest(str(ck)) is None
 
 
 @pytest.mark.parametrize("change", [["--loss", "isogclr"], ["--data_size", "500"]])
@@ -153,12 +154,12 @@ def test_resuming_with_other_loss_or_data_size_is_one_error_line(shards, tmp_pat
 
 def test_pretrained_of_another_architecture_is_one_error_line(tmp_path, capsys):
     from evaluation.evaluate import main as eval_main
-    from fast_clip.model import WeightsFileError, create_model
+    from fast_clip.model import create_model
 
     sd = create_model("PersonTiny").state_dict()
     sd["positional_embedding"] = torch.zeros(40, 64)  # a text tower of another width
     torch.save(sd, tmp_path / "other.pt")
-    with pytest.raises(WeightsFileError, match="does not fit model .*is --model the architecture"):
+    with pytest.raises(runs.CheckpointError, match="does not fit model .*is --model the architecture"):
         create_model("PersonTiny", pretrained=str(tmp_path / "other.pt"))
     test = write_shards(str(tmp_path / "d"), split="test", num_ids=4, shard_size=8)
     capsys.readouterr()
@@ -173,7 +174,7 @@ def test_load_for_open_clip_gives_the_trained_size_weights_and_preprocessing(sha
     import open_clip
     from PIL import Image
 
-    from fast_clip.model import WeightsFileError, load_for_open_clip
+    from fast_clip.model import load_for_open_clip
     from common.transforms import build_transform
     from training.main import main
 
@@ -190,7 +191,7 @@ def test_load_for_open_clip_gives_the_trained_size_weights_and_preprocessing(sha
     with torch.no_grad():
         assert model.encode_image(x[None]).shape == (1, 128) and model.encode_text(tokenizer(["a man"])).shape == (1, 128)
     torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")
-    with pytest.raises(WeightsFileError, match="not a checkpoint of this trainer"):
+    with pytest.raises(runs.CheckpointError, match="not a checkpoint of this trainer"):
         load_for_open_clip(tmp_path / "plain.pt")
 
 

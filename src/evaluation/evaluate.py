@@ -9,11 +9,15 @@ Library (what the trainer calls, on rank 0)::
 Command line::
 
     python -m evaluation.evaluate RUN_DIR [--data SPEC ...] [--epoch N]
-    python -m evaluation.evaluate --pretrained FILE --model NAME [--image-size H W] --data SPEC ... --output DIR
+    python -m evaluation.evaluate --pretrained FILE [--model NAME] [--image-size H W] --data SPEC ... --output DIR
+
+A run folder's layout and the resolution of RUN_DIR / --pretrained to a file, a model and an image size are
+common/runs.py's.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -25,13 +29,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from common import shards
+from common import runs, shards
 from evaluation.extract import (EvalError, TestSet, default_transform, extract_features, load_test_set, run_cli,
                                 resolve_shards)
 from evaluation.metrics import recall_at_1_from_features, retrieval_metrics_from_features, topk_indices
 
-__all__ = ["EvalError", "evaluate_model", "evaluate_testset", "evaluate_features", "find_checkpoint",
-           "default_datasets", "dataset_name", "format_table", "write_report", "main"]
+__all__ = ["EvalError", "evaluate_model", "evaluate_testset", "evaluate_features", "default_datasets",
+           "dataset_name", "format_table", "write_report", "load_model", "resolve_weights", "main"]
 
 KS = (1, 5, 10)
 MAX_RANK = 50
@@ -104,41 +108,7 @@ def evaluate_model(model, tokenizer, transform, datasets: Mapping[str, str | Seq
     return out
 
 
-# ------------------------------------------------------------------------------------------------- run directories
-def find_checkpoint(run_dir: str, epoch: int | None = None) -> tuple[str, int]:
-    """``RUN_DIR/checkpoints/epoch_N.pt`` for ``epoch`` or, by default, the highest N."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise EvalError(f"run directory {run_dir!r} has no checkpoints/ folder ({ckpt_dir!r} does not exist)")
-    found = {}
-    for f in os.listdir(ckpt_dir):
-        m = re.fullmatch(r"epoch_(\d+)\.pt", f)
-        if m:
-            found[int(m.group(1))] = os.path.join(ckpt_dir, f)
-    if not found:
-        raise EvalError(f"{ckpt_dir!r} holds no epoch_N.pt checkpoint")
-    if epoch is None:
-        epoch = max(found)
-    elif epoch not in found:
-        raise EvalError(f"{ckpt_dir!r} has no epoch_{epoch}.pt (available epochs: "
-                        f"{', '.join(map(str, sorted(found)))})")
-    return found[epoch], epoch
-
-
-def read_run_params(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "params.json")
-    if not os.path.isfile(path):
-        raise EvalError(f"run directory {run_dir!r} has no params.json ({path!r} does not exist)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            params = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalError(f"{path!r} is not readable JSON: {e}") from e
-    if not isinstance(params, dict) or not isinstance(params.get("model"), str):
-        raise EvalError(f"{path!r} has no 'model' entry (the model name the run was trained with)")
-    return params
-
-
+# ---------------------------------------------------------------------------------------------------- test data
 def _pattern_dir(pattern: str) -> str:
     """Folder part of a shard pattern: the prefix before the first path component holding a brace or glob, or the
     folder of a file, or the folder itself."""
@@ -278,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "file listing shards, or NAME=SPEC to name it. Default: the test/ split next to each training "
                         "set of the run")
     p.add_argument("--epoch", type=int, help="evaluate checkpoints/epoch_N.pt (default: the highest N)")
-    p.add_argument("--pretrained", metavar="FILE", help="evaluate this weights file instead of a run (needs --model, "
-                                                         "--data, --output)")
-    p.add_argument("--model", help="open_clip model name (default with a run: params.json's)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the run's, or "
-                                                                                  "the model's person-crop default)")
+    p.add_argument("--pretrained", metavar="FILE", help="evaluate this weights file instead of a run (needs --data, "
+                                                         "--output, and --model unless FILE is a checkpoint of this "
+                                                         "trainer)")
+    p.add_argument("--model", help="open_clip model name (default: params.json's, or the checkpoint's)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the run's or "
+                                                                                  "the checkpoint's, else the model's "
+                                                                                  "person-crop default)")
     p.add_argument("--output", metavar="DIR", help="output folder (default with a run: RUN_DIR/eval)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes (0: in the main process)")
@@ -293,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(name: str, weights: str, image_size, device):
-    from fast_clip.model import WeightsFileError, create_model, load_pretrained
+    from fast_clip.model import create_model, load_pretrained
 
     try:
         model = create_model(name, image_size=image_size, device="cpu")
@@ -301,8 +273,8 @@ def load_model(name: str, weights: str, image_size, device):
         raise EvalError(f"cannot build model {name!r}: {e}") from e
     try:
         load_pretrained(model, weights)
-    except WeightsFileError as e:
-        raise EvalError(f"{e}") from e
+    except runs.CheckpointError:  # already one line naming the file
+        raise
     except RuntimeError as e:  # load_state_dict's size mismatches
         first = str(e).strip().splitlines()
         detail = "; ".join(x.strip() for x in first[1:4]) or first[0]
@@ -311,73 +283,67 @@ def load_model(name: str, weights: str, image_size, device):
     return model.to(device)
 
 
-def resolve_run(run_dir: str, epoch, model, image_size):
-    """(params, checkpoint, epoch, model name, image size) of a run folder; --model / --image-size override the run's."""
-    if not os.path.isdir(run_dir):
-        raise EvalError(f"run directory {run_dir!r} does not exist")
-    params = read_run_params(run_dir)
-    ckpt, epoch = find_checkpoint(run_dir, epoch)
-    return params, ckpt, epoch, model or params["model"], image_size or params.get("image_size")
+def resolve_weights(args) -> runs.Weights:
+    """The weights RUN_DIR / --pretrained name (common/runs.py's resolution), the image size settled: --image-size,
+    else the run's or the checkpoint's, else the model's person-crop default."""
+    from fast_clip.model import default_image_size
+
+    w = runs.resolve(args.run_dir, args.pretrained, epoch=args.epoch, model=args.model, image_size=args.image_size)
+    if w.image_size is None:
+        try:
+            w = dataclasses.replace(w, image_size=default_image_size(w.model))
+        except ValueError as e:
+            raise EvalError(f"{e}" + (f" (from {os.path.join(w.run_dir, runs.PARAMS)})" if w.run_dir else "")) from e
+    return w
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")
 
 
-def _run(args) -> int:
-    from fast_clip.model import default_image_size, get_tokenizer
-
-    if args.run_dir and args.pretrained:
-        raise EvalError("give either RUN_DIR or --pretrained FILE, not both")
-    if not args.run_dir and not args.pretrained:
-        raise EvalError("nothing to evaluate: give RUN_DIR or --pretrained FILE --model NAME")
-    header: dict[str, str] = {}
-    if args.run_dir:
-        params, ckpt, epoch, name, size = resolve_run(args.run_dir, args.epoch, args.model, args.image_size)
-        out_dir = args.output or os.path.join(args.run_dir, "eval")
-        data = _parse_data(args.data) if args.data else default_datasets(params.get("train_data"))
-        # the default data (the run's own test split) keeps the plain name; other data is named in the file name so
-        # that scoring another split never overwrites the test results
-        tag = f"epoch_{epoch}" + (("_" + _safe("+".join(data))) if args.data else "")
-        if not data:
-            raise EvalError(f"no test data: {args.run_dir}/params.json train_data={params.get('train_data')!r} has "
-                            f"no test/ split next to it; pass --data")
-        header.update(run=args.run_dir, checkpoint=ckpt, epoch=str(epoch))
-    else:
-        if not args.model:
-            raise EvalError("--pretrained needs --model NAME (the architecture of the weights file)")
-        if not args.data:
-            raise EvalError("--pretrained needs --data SPEC (the test shards)")
-        if not args.output:
-            raise EvalError("--pretrained needs --output DIR")
-        ckpt, name, out_dir = args.pretrained, args.model, args.output
-        size = args.image_size
+def _plan(args, w: runs.Weights) -> tuple[dict[str, str], str, str]:
+    """(test sets, output folder, report tag)."""
+    if w.run_dir is None:
         data = _parse_data(args.data)
-        tag = (_safe(os.path.splitext(os.path.basename(ckpt))[0]) or "pretrained") + "_" + _safe("+".join(data))
-        header.update(weights=ckpt)
-    if not size:
-        try:
-            size = default_image_size(name)
-        except ValueError as e:
-            raise EvalError(f"{e}" + (f" (from {args.run_dir}/params.json)" if args.run_dir else "")) from e
-    if len(size) != 2:
-        raise EvalError(f"image size {size!r} is not [H, W]")
-    size = tuple(int(x) for x in size)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    header.update(model=name, image_size=f"{size[0]}x{size[1]}", device=str(device),
-                  date=_dt.datetime.now().isoformat(timespec="seconds"),
-                  data="; ".join(f"{n}={spec if isinstance(spec, str) else '::'.join(spec)}" for n, spec in data.items()))
+        stem = _safe(os.path.splitext(os.path.basename(w.path))[0]) or "pretrained"
+        return data, args.output, f"{stem}_{_safe('+'.join(data))}"
+    data = _parse_data(args.data) if args.data else default_datasets(w.params.get("train_data"))
+    if not data:
+        raise EvalError(f"no test data: {w.run_dir}/{runs.PARAMS} train_data={w.params.get('train_data')!r} has "
+                        f"no test/ split next to it; pass --data")
+    # the default data (the run's own test split) keeps the plain name; other data is named in the file name so that
+    # scoring another split never overwrites the test results
+    tag = f"epoch_{w.epoch}" + (("_" + _safe("+".join(data))) if args.data else "")
+    return data, args.output or os.path.join(w.run_dir, runs.EVAL_DIR), tag
 
-    # Read the shards before the model so that bad data fails fast.
+
+def _read_test_sets(data: Mapping[str, str]) -> dict[str, TestSet]:
     sets = {}
     for n, spec in data.items():
         print(f"reading test set {n} ({spec}) ...", file=sys.stderr, flush=True)
         sets[n] = load_test_set(spec, name=n)
         print(f"  {sets[n].num_queries} queries, {sets[n].num_gallery} gallery images", file=sys.stderr, flush=True)
-    model = load_model(name, ckpt, size, device)
-    tokenizer = get_tokenizer(name)
-    transform = default_transform(size)
+    return sets
+
+
+def _run(args) -> int:
+    from fast_clip.model import get_tokenizer
+
+    if args.pretrained and not args.run_dir:  # a run has both by default; a weights file does not
+        for given, need in ((args.data, "--data SPEC (the test shards)"), (args.output, "--output DIR")):
+            if not given:
+                raise EvalError(f"--pretrained needs {need}")
+    w = resolve_weights(args)
+    data, out_dir, tag = _plan(args, w)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    header = ({"run": w.run_dir, "checkpoint": w.path, "epoch": str(w.epoch)} if w.run_dir else {"weights": w.path})
+    header.update(model=w.model, image_size=f"{w.image_size[0]}x{w.image_size[1]}", device=str(device),
+                  date=_dt.datetime.now().isoformat(timespec="seconds"),
+                  data="; ".join(f"{n}={spec}" for n, spec in data.items()))
+    sets = _read_test_sets(data)  # before the model, so that bad data fails fast
+    model = load_model(w.model, w.path, w.image_size, device)
+    tokenizer, transform = get_tokenizer(w.model), default_transform(w.image_size)
     results, examples = {}, []
     for n, ts in sets.items():
         print(f"scoring {n} on {device} ...", file=sys.stderr, flush=True)
@@ -386,7 +352,7 @@ def _run(args) -> int:
                                           num_examples=args.examples)
         examples += ex
     paths = write_report(out_dir, tag, results, examples, header)
-    print(f"{name} {os.path.basename(ckpt)} ({header.get('epoch', 'pretrained')}):")
+    print(f"{w.model} {os.path.basename(w.path)} ({header.get('epoch', 'pretrained')}):")
     print(format_table(results))
     print(f"wrote {paths['json']}, {paths['md']}, {paths['cmc']}, {paths['examples']}")
     return 0

@@ -2,9 +2,9 @@
 
 Command line (``scripts/export_onnx.sh``)::
 
-    python -m evaluation.export_onnx RUN_DIR [--epoch N] [--out DIR] [--opset 17] [--batch-check 3] [--atol 1e-4]
-                                     [--exporter torchscript|dynamo]
-    python -m evaluation.export_onnx --pretrained FILE --model NAME [--image-size H W] --out DIR
+    python -m evaluation.export_onnx RUN_DIR [--epoch N] [--output DIR] [--opset 17] [--batch-check 3]
+                                     [--atol 1e-4] [--exporter torchscript|dynamo]
+    python -m evaluation.export_onnx --pretrained FILE [--model NAME] [--image-size H W] --output DIR
 
 Writes ``image_encoder.onnx`` (``image`` float32 [batch, 3, H, W], already resized and CLIP-normalised ->
 ``image_embedding`` float32 [batch, D], L2-normalised), ``text_encoder.onnx`` (``text`` int64 token ids
@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from evaluation.evaluate import load_model, resolve_run
+from common import runs
+from evaluation.evaluate import load_model, resolve_weights
 from evaluation.extract import EvalError, run_cli
 
 __all__ = ["Encoder", "ImageEncoder", "TextEncoder", "export_encoders", "verify_encoders", "main"]
@@ -187,12 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a run's image and text encoders to ONNX (dynamic batch) and check them with onnxruntime.")
     p.add_argument("run_dir", nargs="?", help="training run directory (checkpoints/epoch_N.pt, params.json)")
     p.add_argument("--epoch", type=int, help="export checkpoints/epoch_N.pt (default: the highest N)")
-    p.add_argument("--pretrained", metavar="FILE", help="export this weights file instead of a run (needs --model, "
-                                                         "--out)")
-    p.add_argument("--model", help="open_clip model name (default with a run: params.json's)")
+    p.add_argument("--pretrained", metavar="FILE", help="export this weights file instead of a run (needs --output, "
+                                                         "and --model unless FILE is a checkpoint of this trainer)")
+    p.add_argument("--model", help="open_clip model name (default: params.json's, or the checkpoint's)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="input size (default: the run's, or the model's person-crop default)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default with a run: RUN_DIR/onnx)")
+                   help="input size (default: the run's or the checkpoint's, else the model's person-crop default)")
+    # --output like make_shards and eval.sh; --out is the name it had first
+    p.add_argument("--output", "--out", metavar="DIR", help="output folder (default with a run: RUN_DIR/onnx)")
     p.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}, {DYNAMO_MIN_OPSET} with "
                                              f"--exporter dynamo)")
     p.add_argument("--batch-check", type=int, default=3, metavar="B",
@@ -211,65 +213,58 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _run(args) -> int:
-    from fast_clip.model import default_image_size, get_tokenizer
-
+def _check_args(args) -> None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise EvalError(f"{e.name} is not installed: pip install -r requirements-eval.txt") from e
-    if args.run_dir and args.pretrained:
-        raise EvalError("give either RUN_DIR or --pretrained FILE, not both")
-    if not args.run_dir and not args.pretrained:
-        raise EvalError("nothing to export: give RUN_DIR or --pretrained FILE --model NAME")
+    if args.pretrained and not args.run_dir and not args.output:
+        raise EvalError("--pretrained needs --output DIR")
     if args.batch_check < 1:
         raise EvalError(f"--batch-check must be >= 1, got {args.batch_check}")
     if args.opset is None:
         args.opset = DYNAMO_MIN_OPSET if args.exporter == "dynamo" else DEFAULT_OPSET
     if args.exporter == "dynamo" and args.opset < DYNAMO_MIN_OPSET:
         raise EvalError(f"--exporter dynamo needs --opset >= {DYNAMO_MIN_OPSET}, got {args.opset}")
-    epoch = None
-    if args.run_dir:
-        _, ckpt, epoch, name, size = resolve_run(args.run_dir, args.epoch, args.model, args.image_size)
-        out_dir = args.out or os.path.join(args.run_dir, "onnx")
-    else:
-        if not args.model:
-            raise EvalError("--pretrained needs --model NAME (the architecture of the weights file)")
-        if not args.out:
-            raise EvalError("--pretrained needs --out DIR")
-        ckpt, name, out_dir, size = args.pretrained, args.model, args.out, args.image_size
-    if not size:
-        try:
-            size = default_image_size(name)
-        except ValueError as e:
-            raise EvalError(f"{e}") from e
-    if len(size) != 2:
-        raise EvalError(f"image size {size!r} is not [H, W]")
-    size = (int(size[0]), int(size[1]))
 
-    model = load_model(name, ckpt, size, "cpu").eval()
-    tokenizer = get_tokenizer(name)
-    ctx = _context_length(model, tokenizer)
-    print(f"exporting {name} from {ckpt} (image {size[0]}x{size[1]}, context length {ctx}, opset {args.opset}, "
-          f"{args.exporter} exporter) to {out_dir}")
-    paths = export_encoders(model, size, ctx, out_dir, opset=args.opset, exporter=args.exporter)
-    batches = sorted({1, args.batch_check})
-    check = verify_encoders(model, tokenizer, paths, size, batch_sizes=batches)
-    ok = all(c["max_abs_diff"] <= args.atol for c in check.values())
-    report = {
-        "model": name, "checkpoint": os.path.abspath(ckpt), "epoch": epoch, "image_size": list(size),
+
+def _report(args, w: runs.Weights, ctx: int, paths: dict[str, str], check: dict, batches: list[int]) -> dict:
+    """export.json: what was exported from where, the two graphs' inputs and outputs, and the onnxruntime check."""
+    size = w.image_size
+
+    def encoder(k, shape, dtype):
+        return {"path": os.path.abspath(paths[k]), "input": k, "input_shape": shape, "input_dtype": dtype,
+                "output": f"{k}_embedding", "dim": check[k]["dim"]}
+
+    return {
+        "model": w.model, "checkpoint": os.path.abspath(w.path), "epoch": w.epoch, "image_size": list(size),
         "context_length": ctx, "embed_dim": check["image"]["dim"], "opset": args.opset, "exporter": args.exporter,
-        "image_encoder": {"path": os.path.abspath(paths["image"]), "input": "image", "input_shape":
-                          ["batch", 3, size[0], size[1]], "input_dtype": "float32", "output": "image_embedding",
-                          "dim": check["image"]["dim"]},
-        "text_encoder": {"path": os.path.abspath(paths["text"]), "input": "text", "input_shape": ["batch", ctx],
-                         "input_dtype": "int64", "output": "text_embedding", "dim": check["text"]["dim"]},
-        "check": {"provider": "CPUExecutionProvider", "batch_sizes": batches, "atol": args.atol, "passed": ok,
+        "image_encoder": encoder("image", ["batch", 3, size[0], size[1]], "float32"),
+        "text_encoder": encoder("text", ["batch", ctx], "int64"),
+        "check": {"provider": "CPUExecutionProvider", "batch_sizes": batches, "atol": args.atol,
+                  "passed": all(c["max_abs_diff"] <= args.atol for c in check.values()),
                   "max_abs_diff": {k: c["max_abs_diff"] for k, c in check.items()},
                   "max_norm_error": {k: c["max_norm_error"] for k, c in check.items()}},
         "versions": _versions(),
     }
+
+
+def _run(args) -> int:
+    from fast_clip.model import get_tokenizer
+
+    _check_args(args)
+    w = resolve_weights(args)
+    out_dir = args.output or os.path.join(w.run_dir, runs.ONNX_DIR)
+    model = load_model(w.model, w.path, w.image_size, "cpu").eval()
+    tokenizer = get_tokenizer(w.model)
+    ctx = _context_length(model, tokenizer)
+    print(f"exporting {w.model} from {w.path} (image {w.image_size[0]}x{w.image_size[1]}, context length {ctx}, "
+          f"opset {args.opset}, {args.exporter} exporter) to {out_dir}")
+    paths = export_encoders(model, w.image_size, ctx, out_dir, opset=args.opset, exporter=args.exporter)
+    batches = sorted({1, args.batch_check})
+    check = verify_encoders(model, tokenizer, paths, w.image_size, batch_sizes=batches)
+    report = _report(args, w, ctx, paths, check, batches)
     report_path = os.path.join(out_dir, REPORT_FILE)
     with open(report_path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
@@ -278,7 +273,7 @@ def _run(args) -> int:
         print(f"{k} encoder: {paths[k]}  onnxruntime vs PyTorch max abs diff {check[k]['max_abs_diff']:.3e} "
               f"(batch {', '.join(map(str, batches))}; unit-norm error {check[k]['max_norm_error']:.1e})")
     print(f"wrote {report_path}")
-    if not ok:
+    if not report["check"]["passed"]:
         bad = ", ".join(f"{k} {c['max_abs_diff']:.3e}" for k, c in check.items() if c["max_abs_diff"] > args.atol)
         print(f"error: onnxruntime embeddings differ from PyTorch's by more than --atol {args.atol:g}: {bad}",
               file=sys.stderr)

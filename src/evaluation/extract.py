@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import shards
+from common.runs import CheckpointError
 from common.shards import IMAGE_EXTS
 from common.transforms import build_transform, clean_caption
 
@@ -30,10 +31,11 @@ class EvalError(RuntimeError):
 
 
 def run_cli(run, args) -> int:
-    """The evaluation CLIs' one error rule: an EvalError is one ``error:`` line and exit code 2, no traceback."""
+    """The evaluation CLIs' one error rule: bad input (an EvalError, or a run folder / checkpoint / weights file that
+    cannot be used) is one ``error:`` line and exit code 2, no traceback."""
     try:
         return run(args)
-    except EvalError as e:
+    except (EvalError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import zipfile
 from pathlib import Path
 
@@ -19,15 +18,14 @@ import torch.nn.functional as F
 
 import open_clip
 
+from common import runs
+from common.runs import CheckpointError
+
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _REGISTERED = False
 
 # Person crops are about 3:1; 384x128 is the resolution the text-based person retrieval literature uses for ViT-B-16.
 PERSON_IMAGE_SIZE = (384, 128)
-
-
-class WeightsFileError(RuntimeError):
-    """A weights or checkpoint file that cannot be used; the message names the file and the reason."""
 
 
 def register_model_configs() -> None:
@@ -70,39 +68,19 @@ def get_tokenizer(name: str):
 
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a model state dict from an open_clip checkpoint, one of our training checkpoints, an OpenAI-format state
-    dict, or a .safetensors file, with ``weights_only=True``: a file carrying pickled code is refused, never run."""
+    """A model state dict from an open_clip checkpoint, one of our training checkpoints, an OpenAI-format state dict
+    or TorchScript archive, or a .safetensors file. Nothing in the file is run: TorchScript is read by a restricted
+    reader, everything else by the run folder's one loader (``weights_only=True``)."""
     path = str(path)
-    if not os.path.isfile(path):
-        raise WeightsFileError(f"weights file {path!r} does not exist")
-    if os.path.getsize(path) == 0:
-        raise WeightsFileError(f"weights file {path!r} is empty (0 bytes)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return dict(load_file(path, device="cpu"))
     from fast_clip.torchscript import TorchScriptError, is_torchscript, read_state_dict
     if is_torchscript(path):  # OpenAI's ViT-B-16.pt: tensors read without running the archive
         try:
-            obj = dict(read_state_dict(path))
+            sd = dict(read_state_dict(path))
         except (TorchScriptError, zipfile.BadZipFile, KeyError, RuntimeError) as e:
-            raise WeightsFileError(f"refusing to load {path!r}: {e}") from e
-        return _drop_openai_scalars(obj)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightsFileError(
-            f"refusing to load {path!r}: it is not a plain tensor file (weights_only=True rejected it: "
-            f"{str(e).splitlines()[0]}). Only state dicts of tensors are accepted; a file that needs arbitrary "
-            f"unpickling can run code.") from e
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise WeightsFileError(f"cannot read weights file {path!r}: {str(e).splitlines()[0]}") from e
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsFileError(f"weights file {path!r} holds no state dict of tensors (found {type(obj).__name__})")
-    if next(iter(obj)).startswith("module."):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return _drop_openai_scalars(obj)
+            raise CheckpointError(f"refusing to load {path!r}: {e}") from e
+    else:
+        sd = runs.model_state(runs.load_file(path), path)
+    return _drop_openai_scalars(sd)
 
 
 def _drop_openai_scalars(obj: dict) -> dict:
@@ -139,7 +117,11 @@ def _resize_visual_pos_embed(state_dict: dict, model) -> None:
 
 
 def load_pretrained(model, path: str | os.PathLike) -> None:
-    sd = load_weights_file(path)
+    _fit_weights(model, load_weights_file(path), str(path))
+
+
+def _fit_weights(model, sd: dict[str, torch.Tensor], path: str) -> None:
+    """Load the state dict ``sd`` (read from ``path``) into ``model``, position embeddings resized to its grid."""
     try:
         _resize_visual_pos_embed(sd, model)
         if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
@@ -148,16 +130,16 @@ def load_pretrained(model, path: str | os.PathLike) -> None:
         resize_text_pos_embed(sd, model)
     except (IndexError, AssertionError, RuntimeError, ValueError) as e:
         # open_clip's resizers fail with IndexError / AssertionError on another architecture's tensors
-        raise WeightsFileError(f"weights file {str(path)!r} does not fit model {type(model).__name__} "
-                               f"(position embeddings: {type(e).__name__}: {e}); is --model the architecture this "
-                               f"file was trained with?") from e
+        raise CheckpointError(f"weights file {path!r} does not fit model {type(model).__name__} "
+                              f"(position embeddings: {type(e).__name__}: {e}); is --model the architecture this "
+                              f"file was trained with?") from e
     # buffers the model rebuilds itself (open_clip's attn_mask) are in a TorchScript archive's tensors, not its state
     for name in {n for n, _ in model.named_buffers()} - set(model.state_dict()):
         sd.pop(name, None)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise WeightsFileError(
-            f"weights file {str(path)!r} does not match the model: {len(missing)} missing keys "
+        raise CheckpointError(
+            f"weights file {path!r} does not match the model: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
             f"Is --model the architecture this file was trained with?")
 
@@ -169,7 +151,7 @@ def create_model(name: str, pretrained: str | None = None, image_size: tuple[int
     register_model_configs()
     model_config(name)  # validates the name with a clear message
     if pretrained is not None and not os.path.isfile(pretrained):
-        raise WeightsFileError(
+        raise CheckpointError(
             f"--pretrained {pretrained!r} is not a file. Nothing is downloaded: pass the path of a local weights file.")
     size = tuple(image_size) if image_size else default_image_size(name)
     # open_clip warns "initialized randomly" when no hub weights are named; ours come from load_pretrained below.
@@ -193,13 +175,13 @@ def load_for_open_clip(path: str | os.PathLike, device: str | torch.device = "cp
     crops), so use this ``preprocess`` with these weights."""
     from common.transforms import build_transform
 
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise WeightsFileError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from e
-    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "image_size" not in ckpt:
-        raise WeightsFileError(f"{str(path)!r} is not a checkpoint of this trainer (no model_name / image_size); "
-                               f"for other weights use create_model(name, pretrained=path, image_size=(H, W))")
-    name, size = ckpt["model_name"], tuple(int(x) for x in ckpt["image_size"])
-    model = create_model(name, pretrained=str(path), image_size=size, device=device).eval()
-    return model, build_transform(size, train=False), get_tokenizer(name)
+    path = str(path)
+    ckpt = runs.load_file(path)
+    stored = runs.trained_model(ckpt)
+    if stored is None:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this trainer (no model_name / image_size); "
+                              f"for other weights use create_model(name, pretrained=path, image_size=(H, W))")
+    name, size = stored[0], (int(stored[1][0]), int(stored[1][1]))
+    model = create_model(name, image_size=size)
+    _fit_weights(model, runs.model_state(ckpt, path), path)
+    return model.to(device).eval(), build_transform(size, train=False), get_tokenizer(name)

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from common.runs import OUT_LOG, TRAIN_LOG
+
 
 class RunLogger:
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
@@ -16,8 +18,8 @@ class RunLogger:
         self._jsonl = None
         if not enabled:
             return
-        self._file = open(os.path.join(run_dir, "out.log"), "a", encoding="utf-8")
-        self._jsonl = open(os.path.join(run_dir, "train_log.jsonl"), "a", encoding="utf-8")
+        self._file = open(os.path.join(run_dir, OUT_LOG), "a", encoding="utf-8")
+        self._jsonl = open(os.path.join(run_dir, TRAIN_LOG), "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))

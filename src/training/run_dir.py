@@ -1,6 +1,6 @@
 """The run folder, LOGS/NAME: claimed once (a name is not reused by accident, the folder must be writable, one
 process group at a time), and what ends up in it besides logs and checkpoints: params.json, summary.json, and a
-fatal error's record."""
+fatal error's record. The folder's file names and how they are written are common/runs.py's."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import os
 import time
 from collections import Counter
 
+from common import runs
 from training import distributed as dist_utils
 from training import runlock
 from training.config import RunConfig
@@ -17,7 +18,7 @@ from training.train import gather_counts
 class RunFolder:
     def __init__(self, path: str, name: str):
         self.path, self.name = path, name
-        self.ckpt_dir = os.path.join(path, "checkpoints")
+        self.ckpt_dir = os.path.join(path, runs.CHECKPOINTS)
 
     @classmethod
     def claim(cls, run: RunConfig) -> "RunFolder":
@@ -54,8 +55,7 @@ class RunFolder:
 
     def write_params(self, flags: dict) -> None:
         if dist_utils.is_main():
-            with open(os.path.join(self.path, "params.json"), "w") as f:
-                json.dump(flags, f, indent=2, default=str)
+            runs.write_json(os.path.join(self.path, runs.PARAMS), flags)
 
     def write_summary(self, state, status: str) -> None:
         """Bad-sample and per-source counts summed over ranks, in summary.json beside the logs (a collective)."""
@@ -68,8 +68,7 @@ class RunFolder:
             sources.update(r["sources"])
         bad, sources = dict(bad), dict(sources)
         summary = {"status": status, **state.to_dict(), "bad_samples": bad, "source_counts": sources}
-        with open(os.path.join(self.path, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        runs.write_json(os.path.join(self.path, runs.SUMMARY), summary)
         print(json.dumps({"status": status, "steps": state.global_step, "skipped_samples": bad,
                           "nonfinite_steps": state.nonfinite_total}), flush=True)
 
@@ -79,24 +78,23 @@ class RunFolder:
         if not dist_utils.is_main():
             return
         try:
-            with open(os.path.join(self.path, "out.log"), "a", encoding="utf-8") as f:
+            with open(os.path.join(self.path, runs.OUT_LOG), "a", encoding="utf-8") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | FATAL {message.rstrip()}\n")
-            path = os.path.join(self.path, "summary.json")
-            summary = json.load(open(path)) if os.path.isfile(path) else {}
+            path = os.path.join(self.path, runs.SUMMARY)
+            summary = runs.read_json(path) if os.path.isfile(path) else {}
             summary.setdefault("status", "failed")
             summary["error"] = message.rstrip().splitlines()[-1]
-            with open(path, "w") as f:
-                json.dump(summary, f, indent=2)
-        except (OSError, ValueError):
+            runs.write_json(path, summary)
+        except (OSError, runs.CheckpointError):
             pass  # the folder itself may be the problem; the error still reaches the terminal
 
 
 def holds_a_run(run_dir: str) -> str | None:
     """What makes ``run_dir`` a run of its own (a checkpoint or logged steps); a failed start leaves neither."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    ckpt_dir = os.path.join(run_dir, runs.CHECKPOINTS)
     if os.path.isdir(ckpt_dir) and any(n.endswith(".pt") for n in os.listdir(ckpt_dir)):
         return "checkpoints"
-    log = os.path.join(run_dir, "train_log.jsonl")
+    log = os.path.join(run_dir, runs.TRAIN_LOG)
     if os.path.isfile(log) and os.path.getsize(log) > 0:
         return "logged training steps"
     return None

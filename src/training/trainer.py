@@ -16,7 +16,7 @@ import sys
 import torch
 
 from fast_clip.losses import build_loss
-from fast_clip.model import WeightsFileError, create_model, default_image_size, get_tokenizer
+from fast_clip.model import create_model, default_image_size, get_tokenizer
 from common.transforms import build_transform, clean_caption
 from training import distributed as dist_utils
 from training import stop
@@ -113,7 +113,7 @@ class Trainer:
         m = self.cfg.model
         try:
             model = create_model(m.name, pretrained=m.pretrained, image_size=m.image_size, device=self.denv.device)
-        except (WeightsFileError, ValueError) as e:
+        except (CheckpointError, ValueError) as e:
             raise SystemExit(f"error: {e}")
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -144,7 +144,7 @@ class Trainer:
         try:
             teacher = create_model(ref.model, pretrained=ref.pretrained, image_size=cfg.model.image_size,
                                    device=self.denv.device)
-        except (WeightsFileError, ValueError) as e:
+        except (CheckpointError, ValueError) as e:
             raise SystemExit(f"error: --ref-model {ref.model} / --ref-pretrained {ref.pretrained}: {e}")
         if ref.distill == "feature":
             # The teacher reads the student's token ids, so both must share the tokenizer.
