@@ -79,7 +79,7 @@ def _rss_growth_of(code: str) -> tuple[int, str]:
     build alone holds ~500 MB); (how many MB its peak RSS grew while ``code`` ran, its stdout)."""
     import subprocess
     import sys
-    probe = ("import resource\nfrom fast_clip.model import WeightsFileError, create_model\ncreate_model('PersonTiny')\n"
+    probe = ("import resource\nfrom common.runs import CheckpointError\nfrom fast_clip.model import create_model\ncreate_model('PersonTiny')\n"
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n" + code +
              "\nprint('grew', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
@@ -108,7 +108,7 @@ def test_an_archive_whose_storage_inflates_is_refused_before_it_takes_the_memory
                 dst.writestr(n, src.read(n))
     assert bomb.stat().st_size < 40 * 2**20  # ~30 MB, as the archive of the report
     grew, out = _rss_growth_of(f"try:\n    create_model('PersonTiny', pretrained={str(bomb)!r})\n"
-                               f"except WeightsFileError as e:\n    print('refused:', e)\n")
+                               f"except CheckpointError as e:\n    print('refused:', e)\n")
     assert "refused:" in out and "declares" in out, out
     assert grew < 200, f"peak RSS grew by {grew} MB"
 
@@ -130,7 +130,7 @@ def test_malformed_archives_are_one_error_line(archive, tmp_path):
         with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w") as dst:
             for n in src.namelist():
                 dst.writestr(n, data if n.endswith("/data.pkl") else src.read(n))
-        with pytest.raises(WeightsFileError, match="not a readable TorchScript archive") as e:
+        with pytest.raises(CheckpointError, match="not a readable TorchScript archive") as e:
             create_model("PersonTiny", pretrained=str(bad))
         assert "\n" not in str(e.value)
 
