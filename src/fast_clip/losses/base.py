@@ -8,12 +8,16 @@ import torch
 import torch.nn as nn
 
 from common import collectives as dist_utils
-from fast_clip.losses.config import INFONCE_FAMILY, STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
+from fast_clip.losses.config import STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
+from fast_clip.losses.rules import RULES, Rules
 from fast_clip.schedules import warmup_cosine
 
 class ContrastiveLoss(nn.Module):
     learns_model_temperature: bool = False
     supports_mixup: bool = False  # soft (mixed) targets; only the InfoNCE loss has them
+    # Where the official FastCLIP code and the exact gradients differ (rules.py): the GCL family picks its rule set from
+    # --fastclip_rules; the InfoNCE family has one form, whose temperature lr follows the exact rules.
+    rules: Rules = RULES["exact"]
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
@@ -35,11 +39,6 @@ class ContrastiveLoss(nn.Module):
     def current_gamma(self) -> float:
         return float(self.gamma)
 
-    @property
-    def official(self) -> bool:
-        """The official FastCLIP update rules (GCL family only; InfoNCE has one form)."""
-        return self.cfg.fastclip_rules == "official" and self.cfg.loss not in INFONCE_FAMILY
-
     def temperature_lr(self, lr_now: float, tau: float, step: int = 0, base_lr: Optional[float] = None,
                        warmup: int = 0, total_steps: int = 1, lr_min: float = 0.0) -> Optional[float]:
         """Lr of the param group holding model.logit_scale at optimizer step ``step`` (None = the main schedule's
@@ -57,17 +56,11 @@ class ContrastiveLoss(nn.Module):
         base = float(lr_now if base_lr is None else base_lr)
         lr_tau = base if cfg.lr_tau is None else float(cfg.lr_tau)
         if cfg.lr_tau_scheduler == "const":
-            if cfg.lr_tau is None and not self.official:
-                return None
-            return lr_tau
+            return self.rules.const_lr_tau(lr_tau, cfg.lr_tau is not None)
         if cfg.lr_tau_scheduler == "cosine":
             return warmup_cosine(step, lr_tau, warmup, total_steps, lr_min)
-        below = float(tau) <= TAU_THRESH
-        if self.official:
-            return lr_tau / STEP_THRESH_FACTOR if below else lr_tau
-        if below:
-            self.tau_lr_dropped.fill_(True)
-        return lr_tau / STEP_THRESH_FACTOR if bool(self.tau_lr_dropped) else lr_tau
+        dropped = self.rules.tau_lr_dropped(float(tau) <= TAU_THRESH, self.tau_lr_dropped)
+        return lr_tau / STEP_THRESH_FACTOR if dropped else lr_tau
 
     def _gather_pids(self, pids, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """--id-positives: this rank's person ids (b,) and those of the global batch (B,), gathered like the keys."""

@@ -1,35 +1,21 @@
 """The global contrastive losses (SogCLR / iSogCLR / FastCLIP-v0..v3) optimised with FCCO; docs/LOSSES.md derives them."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from common import collectives as dist_utils
 from fast_clip.losses.base import ContrastiveLoss
-from fast_clip.losses.config import (TAU_GRAD_CLAMP, TAU_MAX, TAU_MIN, U_RESET_BELOW, U_RESET_BELOW_OFFICIAL,
-                                     LossConfig, state_placement)
-from fast_clip.losses.kernels import (BLOCK_LOGITS, _exp_row_stats, _exp_rows, _scale_grad, _weighted_exp_sum,
-                                      same_person_counts)
+from fast_clip.losses.config import TAU_MAX, TAU_MIN, LossConfig, state_placement
+from fast_clip.losses.kernels import BLOCK_LOGITS, exp_row_stats, same_person_counts, weighted_exp_sum
+from fast_clip.losses.rules import RULES
 from fast_clip.precision import compute_dtype as _compute_dtype
 from fast_clip.precision import no_autocast as _no_autocast
 
-# ------------------------------------------------------------------------------------------------ pure update rules
-def estimator_update(old: torch.Tensor, g: torch.Tensor, gamma: float, official: bool,
-                     rescale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """u_new = (1-gamma) u_old + gamma g, entry by entry, with the reset rule of each rule set: official, to g where
-    u_old is non-finite or < 1e-35 and only while gamma < 1 (gamma = 1 is g itself), ``rescale`` moving u_old from
-    its old bound's units to the new one's first; exact, to g where u_old is non-finite or <= 1e-30."""
-    if official:
-        if gamma >= 1.0:
-            return g.clone()
-        bad = ~torch.isfinite(old) | (old < U_RESET_BELOW_OFFICIAL)
-        kept = old if rescale is None else old * rescale
-        return torch.where(bad, g, (1.0 - gamma) * kept + gamma * g)
-    bad = ~torch.isfinite(old) | (old <= U_RESET_BELOW)
-    return torch.where(bad, g, (1.0 - gamma) * old + gamma * g)
-
-
+# ---------------------------------------------------------------------------------- the per-pair temperatures' math
 def per_pair_tau_gradient(u: torch.Tensor, h: torch.Tensor, rho: float, eps: float,
                           shift: Optional[torch.Tensor] = None, clamp: Optional[float] = None) -> torch.Tensor:
     """d/dtau_i of RGCL's tau_i (log g_i + rho), FCCO estimate, without the 1/2n factor (Adam ignores it):
@@ -50,6 +36,54 @@ def tau_adam_step(tau, m, v, grad, lr: float, betas: tuple[float, float], eps: f
     m_hat = m / (1.0 - beta1 ** step)
     v_hat = v / (1.0 - beta2 ** step)
     return (tau - lr * m_hat / (v_hat.sqrt() + eps)).clamp(TAU_MIN, TAU_MAX), m, v
+
+
+@dataclass
+class _Batch:
+    """This rank's view of the global batch of B = K*b pairs, whose rows [off, off + b) are this rank's."""
+    e1: torch.Tensor  # (b, d) this rank's features, live
+    e2: torch.Tensor
+    E1: torch.Tensor  # (B, d) the global batch's, detached
+    E2: torch.Tensor
+    E1_live: torch.Tensor  # E1, E2 with this rank's block replaced by the live local features
+    E2_live: torch.Tensor
+    keys_all: torch.Tensor  # (B,) dataset keys
+    ids: Optional[tuple]  # --id-positives: (this rank's pids, the global batch's)
+    denom_all: torch.Tensor  # (B,) n_i, the number of negatives of each pair
+    b: int
+    K: int
+    off: int
+
+    @property
+    def B(self) -> int:
+        return self.K * self.b
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global-batch tensor."""
+        return t[self.off:self.off + self.b]
+
+
+@dataclass
+class _Temperatures:
+    """The temperatures of this step, per side (image anchors, text anchors); per-pair ones are the values before
+    this step's update."""
+    loc: tuple  # of this rank's anchors, as the local-anchor terms hold them: a (b, 1) column or the live scalar
+    anchors: tuple  # of every anchor of the global batch, detached: a (B, 1) column or a scalar
+    pair: Optional[tuple] = None  # individual: (B,) per-pair temperatures
+    live: Optional[torch.Tensor] = None  # global: the live scalar tau
+    old_bounds: Optional[tuple] = None  # shifted: (B,) bounds before this step
+    floors: Optional[tuple] = None  # shifted: (b, 1) this rank's old bounds
+
+
+@dataclass
+class _Rows:
+    """Row statistics of this rank's anchors, per side: g_i (the mean over N_i, live unless blocked), h_i (individual;
+    the sum, not yet the mean) and the new bounds s_i ((b, 1), shifted)."""
+    pos: torch.Tensor  # (b, 1) <e1_i, e2_i>, live
+    blocked: bool  # the exp matrices are built in row blocks
+    g: tuple
+    h: tuple
+    s: tuple
 
 
 class GCLLoss(ContrastiveLoss):
@@ -97,8 +131,9 @@ class GCLLoss(ContrastiveLoss):
             for name in ("tau1_m", "tau1_v", "tau2_m", "tau2_v", "bound1", "bound2"):
                 self.register_buffer(name, table(0.0))
             self.register_buffer("tau_count", table(0, torch.int32))
-        # the running-max shift of the official per-pair temperature code (exact rules: exp without a shift)
-        self.shifted = self.individual and self.official
+        self.rules = RULES[cfg.fastclip_rules]
+        # per-pair temperatures under the official rules: exponents shifted by the bound tables
+        self.shifted = self.individual and self.rules.shifts_exponents
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the bound tables existed: all-zero bounds, i.e. unshifted estimators, which is
@@ -130,73 +165,43 @@ class GCLLoss(ContrastiveLoss):
         return (f"loss state: {self.data_size} pairs x {self.state_bytes_per_pair()} B = {size} on {where} "
                 f"(every rank holds the whole table)")
 
-    # -------------------------------------------------------------- helpers
-    def _occurrence(self, keys: torch.Tensor) -> torch.Tensor:
-        """Positions of the occurrence of each distinct key whose update is written when a global batch repeats a key:
-        the last one under the official rules (its scatter keeps the last write), the first one under exact rules."""
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        pos = torch.arange(keys.numel(), device=keys.device)
-        if self.official:
-            last = torch.full((uniq.numel(),), -1, dtype=pos.dtype, device=keys.device)
-            return last.scatter_reduce(0, inv, pos, reduce="amax")
-        first = torch.full((uniq.numel(),), keys.numel(), dtype=pos.dtype, device=keys.device)
-        return first.scatter_reduce(0, inv, pos, reduce="amin")
-
-    def _update_estimator(self, table: torch.Tensor, keys: torch.Tensor, pick: torch.Tensor, g: torch.Tensor,
-                          gamma: float, rescale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """u[key] <- (1-gamma) u[key] + gamma g for the B entries of the global batch; returns the u each entry uses.
-
-        official: reset to g where the old u is non-finite or < 1e-35, and only while gamma < 1 (gamma = 1 is g
-        itself); every entry uses its own new u, and the table keeps the last occurrence's.
-        exact: reset where u is non-finite or <= 1e-30, whatever gamma; the table keeps the first occurrence's, which
-        every occurrence of the key then uses. ``rescale`` (shifted estimators) multiplies the old u first: it moves
-        it from the old bound's units to the new one's."""
-        new = estimator_update(table[keys], g.to(table.dtype), gamma, self.official,
-                               None if rescale is None else rescale.to(table.dtype))
-        table[keys[pick]] = new[pick]
-        return new if self.official else table[keys]
-
-    def _adam_tau(self, keys, pick, grad, which: str) -> None:
-        """One Adam step on the per-pair temperatures of the picked occurrences (see _occurrence).
-
-        official: betas (0, 0) in epoch 0, the configured ones from epoch 1 on, bias correction with (epoch + 1).
-        exact: the configured betas throughout, bias correction with the pair's own visit count."""
-        cfg = self.cfg
-        tau, m, v = getattr(self, which), getattr(self, which + "_m"), getattr(self, which + "_v")
-        k = keys[pick]
-        if self.official:
-            epoch = int(self.epoch)
-            betas, step = ((0.0, 0.0) if epoch == 0 else (cfg.tau_beta1, cfg.tau_beta2)), epoch + 1
-        else:
-            betas, step = (cfg.tau_beta1, cfg.tau_beta2), (self.tau_count[k] + 1).to(tau.dtype)
-        tau[k], m[k], v[k] = tau_adam_step(tau[k], m[k], v[k], grad[pick].to(tau.dtype), float(cfg.lr_tau), betas,
-                                           cfg.tau_adam_eps, step)
-
     # -------------------------------------------------------------- forward
     def forward(self, image_features, text_features, logit_scale=None, keys=None, mix_alpha=None, pids=None):
         if mix_alpha is not None:
             raise ValueError(f"--mixup-beta works with --loss openclip only: {self.cfg.loss} keeps one estimator per "
                              f"training pair, and a mixed sample is not one pair")
+        if keys is None:
+            raise ValueError(f"loss {self.cfg.loss!r} needs the dataset keys of the batch (keys=...)")
         with _no_autocast(image_features.device):
             return self._forward(image_features, text_features, logit_scale, keys, pids)
 
-    def _forward(self, image_features, text_features, logit_scale, keys, pids=None):
-        if keys is None:
-            raise ValueError(f"loss {self.cfg.loss!r} needs the dataset keys of the batch (keys=...)")
-        cfg = self.cfg
+    def _forward(self, image_features, text_features, logit_scale, keys, pids):
+        """One FCCO step on the global batch: statistics, table updates, and the surrogate whose gradient is the
+        step's (docs/LOSSES.md §3-4); the value returned is the objective estimate (see _report)."""
+        batch = self._gather(image_features, text_features, keys, pids)
+        temps = self._temperatures(batch, logit_scale)
+        rows = self._row_statistics(batch, temps)
+        u, stats_all = self._update_estimators(batch, temps, rows)
+        w = self._weights(batch, temps, u)
+        surrogate = batch.K * (self._local_part(batch, temps, rows, w) + self._remote_part(batch, temps, w, stats_all))
+        if not self.individual and self.cfg.multiply_tau:
+            surrogate = surrogate + self._temperature_term(batch, temps, u)
+        if self.individual:
+            self._update_pair_temperatures(batch, u, stats_all)
+        return self._report(batch, temps, rows, u, surrogate)
+
+    # -------------------------------------------------------------- the pieces of a step, in order
+    def _gather(self, image_features, text_features, keys, pids) -> _Batch:
+        """This rank's features in the compute dtype, the global batch's features, keys and person ids, and the
+        number of negatives of each pair."""
         dt = _compute_dtype(image_features, text_features, self.u1)
         dev = image_features.device
         e1 = image_features.to(dt)
         e2 = text_features.to(dt)
-        b = e1.shape[0]
-        K, r = dist_utils.world_size(), dist_utils.rank()
-        B = K * b
+        b, K = e1.shape[0], dist_utils.world_size()
+        B, off = K * b, dist_utils.rank() * b
         if B < 2:
             raise ValueError("GCL needs a global batch of at least 2 pairs")
-        off = r * b
-        eps = float(cfg.fastclip_eps)
-        gamma = float(self.gamma)
-
         keys = keys.to(device=dev, dtype=torch.long).reshape(-1)
         if keys.numel() != b:
             raise ValueError(f"keys has {keys.numel()} entries for a batch of {b}")
@@ -208,174 +213,184 @@ class GCLLoss(ContrastiveLoss):
         # Identity-aware negatives (--id-positives): N_i = the pairs of the global batch showing another person than
         # pair i; g_i is the mean over N_i, so each row has its own count n_i (B - 1 without ids, or for pid -1),
         # at least 1 so that a global batch of one person gives g = 0 rather than 0/0.
-        ids_loc = None
-        if cfg.id_positives:
-            pids, pids_all = self._gather_pids(pids, b, dev)
-            denom_all = (B - same_person_counts(pids_all)).clamp_min(1).to(dt)
-            ids_loc = (pids, pids_all)
+        ids = None
+        if self.cfg.id_positives:
+            ids = self._gather_pids(pids, b, dev)
+            denom_all = (B - same_person_counts(ids[1])).clamp_min(1).to(dt)
         else:
             denom_all = torch.full((B,), float(B - 1), dtype=dt, device=dev)
-        denom_loc = denom_all[off:off + b]
-        E1 = dist_utils.all_gather_no_grad(e1.detach())  # (B, d) no grad
+        E1 = dist_utils.all_gather_no_grad(e1.detach())
         E2 = dist_utils.all_gather_no_grad(e2.detach())
-        # The gathered matrices with THIS rank's block replaced by the live local features.
-        E1_live = torch.cat([E1[:off], e1, E1[off + b:]], 0)
-        E2_live = torch.cat([E2[:off], e2, E2[off + b:]], 0)
+        return _Batch(e1, e2, E1, E2, torch.cat([E1[:off], e1, E1[off + b:]], 0),
+                      torch.cat([E2[:off], e2, E2[off + b:]], 0), keys_all, ids, denom_all, b, K, off)
 
-        # ---- temperatures
+    def _temperatures(self, batch: _Batch, logit_scale) -> _Temperatures:
+        """The per-pair temperatures of the batch's pairs and their old bounds (individual), or the global one."""
+        e1 = batch.e1
         if self.individual:
-            skeys = keys_all.to(self.tau1.device)
-            t1_all = self.tau1[skeys].to(dev, dt)  # copies: the values before this step's update
-            t2_all = self.tau2[skeys].to(dev, dt)
-            t1_loc, t2_loc = t1_all[off:off + b, None], t2_all[off:off + b, None]
-            t1_all_c, t2_all_c = t1_all[:, None], t2_all[:, None]
-            tau_live = None
-            if self.shifted:  # the old bounds of this rank's pairs (every rank holds the whole table)
-                b1_old = self.bound1[skeys].to(dev, dt)
-                b2_old = self.bound2[skeys].to(dev, dt)
-                floor1, floor2 = b1_old[off:off + b, None], b2_old[off:off + b, None]
-        else:
-            tau_live = self._global_tau(logit_scale, dt, dev)
-            t1_loc = t2_loc = tau_live  # live in the local-anchor terms
-            if self.official and tau_live.requires_grad:
-                # The official surrogate holds the live temperature in both of its halves (local and remote anchors,
-                # each of which estimates the whole sum), so its tau-gradient through g is twice the exact one;
-                # ours holds it in the local half only: double that half's tau-gradient (values unchanged).
-                t1_loc = t2_loc = _scale_grad(tau_live, 2.0)
-            t1_all_c = t2_all_c = tau_live.detach()
+            skeys = batch.keys_all.to(self.tau1.device)
+            pair = tuple(t[skeys].to(e1.device, e1.dtype) for t in (self.tau1, self.tau2))  # copies
+            temps = _Temperatures(loc=tuple(batch.local(t)[:, None] for t in pair),
+                                  anchors=tuple(t[:, None] for t in pair), pair=pair)
+            if self.shifted:  # the old bounds of the batch's pairs (every rank holds the whole table)
+                temps.old_bounds = tuple(t[skeys].to(e1.device, e1.dtype) for t in (self.bound1, self.bound2))
+                temps.floors = tuple(batch.local(t)[:, None] for t in temps.old_bounds)
+            return temps
+        tau = self._global_tau(logit_scale, e1.dtype, e1.device)
+        loc = self.rules.local_tau(tau)  # live in the local-anchor terms
+        return _Temperatures(loc=(loc, loc), anchors=(tau.detach(), tau.detach()), live=tau)
 
-        # ---- local anchors against all (gathered) candidates: g1_i, g2_i for i in this rank's block
-        pos = (e1 * e2).sum(1, keepdim=True)  # <e1_i, e2_i>, live in both features
-        # Above block_logits (b x B) the exp matrices are never held whole: g and h come from a no-grad pass in row
-        # blocks, and the surrogate's local part is recomputed block by block under checkpointing (below).
-        blocked = b * B > self.block_logits and torch.is_grad_enabled()
-        s1 = s2 = None  # new bounds of the local rows (shifted estimators only)
-        if blocked:
-            with torch.no_grad():
-                g1, h1, s1 = _exp_row_stats(e1, E2_live, pos, t1_loc, off, self.block_logits, self.individual,
-                                            floor1 if self.shifted else None, ids_loc)
-                g2, h2, s2 = _exp_row_stats(e2, E1_live, pos, t2_loc, off, self.block_logits, self.individual,
-                                            floor2 if self.shifted else None, ids_loc)
-        else:
-            # D = <e_i, e'_j> - <e_i, e'_i>; X = D / tau; P = exp(X) with the pair's own column zeroed.
-            if self.shifted:
-                P1, X1, s1 = _exp_rows(e1, E2_live, pos, t1_loc, off, shift_floor=floor1, ids=ids_loc)  # (b, B)
-                P2, X2, s2 = _exp_rows(e2, E1_live, pos, t2_loc, off, shift_floor=floor2, ids=ids_loc)
-            else:
-                P1, X1 = _exp_rows(e1, E2_live, pos, t1_loc, off, ids=ids_loc)  # (b, B), live
-                P2, X2 = _exp_rows(e2, E1_live, pos, t2_loc, off, ids=ids_loc)
-            g1, g2 = P1.sum(1), P2.sum(1)
-            # tau * d g/d tau = -mean_{j!=i} exp(X_ij) X_ij  (only the per-pair temperatures need it)
-            h1 = (P1 * X1).detach().sum(1) if self.individual else None
-            h2 = (P2 * X2).detach().sum(1) if self.individual else None
-        g1, g2 = g1 / denom_loc, g2 / denom_loc
+    def _row_statistics(self, batch: _Batch, temps: _Temperatures) -> _Rows:
+        """g_i, h_i and the new bounds s_i of this rank's anchors against all (gathered) candidates: X = D / tau with
+        D = <e_i, e'_j> - <e_i, e'_i>, P = exp(X) with the pair's own column zeroed, g = mean_j P, h = sum_j P X.
 
-        # ---- estimator update with the whole global batch (identical on every rank)
-        with torch.no_grad():
-            cols = [g1.detach(), g2.detach()]
-            if self.individual:
-                cols += [h1 / denom_loc, h2 / denom_loc]
-            if self.shifted:
-                cols += [s1[:, 0], s2[:, 0]]
-            stats_all = dist_utils.all_gather_no_grad(torch.stack(cols, 1))
-            skeys = keys_all.to(self.u1.device)
-            pick = self._occurrence(skeys)
-            r1 = r2 = None
-            if self.shifted:  # u moves from the old bound's units to the new one's; the bound tables take the new
-                s1_all, s2_all = stats_all[:, 4], stats_all[:, 5]
-                r1, r2 = torch.exp(b1_old - s1_all).to(self.u1.device), torch.exp(b2_old - s2_all).to(self.u1.device)
-                self.bound1[skeys[pick]] = s1_all.to(self.bound1.device, self.bound1.dtype)[pick]
-                self.bound2[skeys[pick]] = s2_all.to(self.bound2.device, self.bound2.dtype)[pick]
-            u1_all = self._update_estimator(self.u1, skeys, pick, stats_all[:, 0].to(self.u1.device), gamma, r1)
-            u2_all = self._update_estimator(self.u2, skeys, pick, stats_all[:, 1].to(self.u2.device), gamma, r2)
-            u1_all = u1_all.to(dev, dt)
-            u2_all = u2_all.to(dev, dt)
-            self.step += 1
+        Above block_logits (b x B) the exp matrices are never held whole: g and h come from a no-grad pass in row
+        blocks, and the surrogate's local part is recomputed block by block under checkpointing (_local_part)."""
+        pos = (batch.e1 * batch.e2).sum(1, keepdim=True)  # <e1_i, e2_i>, live in both features
+        blocked = batch.b * batch.B > self.block_logits and torch.is_grad_enabled()
+        max_logits = self.block_logits if blocked else batch.b * batch.B  # unblocked: one block, the whole matrix
+        sides = zip((batch.e1, batch.e2), (batch.E2_live, batch.E1_live), temps.loc, temps.floors or (None, None))
+        with torch.no_grad() if blocked else nullcontext():
+            (g1, h1, s1), (g2, h2, s2) = (exp_row_stats(anchors, cands, pos, tau, batch.off, max_logits,
+                                                        self.individual, floor, batch.ids)
+                                          for anchors, cands, tau, floor in sides)
+        denom = batch.local(batch.denom_all)
+        return _Rows(pos, blocked, (g1 / denom, g2 / denom), (h1, h2), (s1, s2))
 
-        # ---- surrogate: coefficient c_i multiplies g_i / (u_i + eps)
-        # c = tau_i (individual, RGCL; official rules: 1), tau (detached; multiply_tau, RGCL-g), 1 (GCL); all / (2B).
-        if self.individual and not self.official:
-            c1_all, c2_all = t1_all, t2_all
-        elif cfg.multiply_tau:
-            c1_all = c2_all = tau_live.detach().expand(B)
-        else:
-            c1_all = c2_all = torch.ones(B, dtype=dt, device=dev)
-        w1_all = c1_all / (u1_all + eps) / (2 * B)  # detached weights
-        w2_all = c2_all / (u2_all + eps) / (2 * B)
-        w1_loc, w2_loc = w1_all[off:off + b], w2_all[off:off + b]
-        if blocked:
-            local_part = (_weighted_exp_sum(e1, E2_live, pos, t1_loc, w1_loc / denom_loc, off, self.block_logits, s1,
-                                            ids_loc)
-                          + _weighted_exp_sum(e2, E1_live, pos, t2_loc, w2_loc / denom_loc, off, self.block_logits, s2,
-                                              ids_loc))
-        else:
-            local_part = (w1_loc * g1).sum() + (w2_loc * g2).sum()
-
-        # Remote anchors (all ranks' anchors except this rank's, detached, with their u and tau) against this rank's
-        # live candidates: the gradient other ranks' anchors send into our features, computed here instead. One
-        # process (K = 1) has no remote anchors.
-        remote_part = e1.new_zeros(())
-        if K > 1:
-            rem = torch.cat([torch.arange(off, device=dev), torch.arange(off + b, B, device=dev)])
-            posd = (E1[rem] * E2[rem]).sum(1, keepdim=True)  # detached positives of the remote anchors
-            t1r = t1_all_c[rem] if self.individual else t1_all_c
-            t2r = t2_all_c[rem] if self.individual else t2_all_c
-            # shifted estimators: the remote anchors' new bounds (the official forward's remote_bounds)
-            sr1 = stats_all[rem, 4:5].to(dt) if self.shifted else None
-            sr2 = stats_all[rem, 5:6].to(dt) if self.shifted else None
-            # anchor e1_i (i remote) vs live e2_j (j local), and the text-anchor mirror; (B-b, b) each
-            ids_rem = None if ids_loc is None else (pids_all[rem], pids)
-            remote_part = (_weighted_exp_sum(E1[rem], e2, posd, t1r, w1_all[rem] / denom_all[rem], None,
-                                             self.block_logits, sr1, ids_rem)
-                           + _weighted_exp_sum(E2[rem], e1, posd, t2r, w2_all[rem] / denom_all[rem], None,
-                                               self.block_logits, sr2, ids_rem))
-
-        surrogate = K * (local_part + remote_part)
-
-        # ---- temperature terms
-        # official: log(u) (no eps) in v3's temperature term
-        log_eps = 0.0 if self.official else eps
-        log_u1_loc = torch.log(u1_all[off:off + b] + log_eps)
-        log_u2_loc = torch.log(u2_all[off:off + b] + log_eps)
-        if not self.individual and cfg.multiply_tau:
-            # d/dtau of tau*F + rho*tau, the part not already in the surrogate: FCCO estimate of F (mean log u) + rho.
-            # Per rank: (1/(2b)) sum_{i in rank} (log u1 + log u2) + rho  -> DDP mean = (1/2B) sum_all (...) + rho.
-            surrogate = surrogate + tau_live * (0.5 * (log_u1_loc + log_u2_loc).mean() + float(cfg.rho))
-
-        # ---- per-pair temperature update (individual): grad_i = log(u_i+eps) + rho + tau_i g_i'(tau_i)/(u_i+eps)
+    @torch.no_grad()
+    def _update_estimators(self, batch: _Batch, temps: _Temperatures, rows: _Rows):
+        """u <- (1-gamma) u + gamma g for the whole global batch (identical on every rank), and the bound tables
+        (shifted). Returns the u each pair of the global batch uses, (B,) per side, and the gathered statistics
+        (B, 2-6): g1, g2, then h1, h2 (individual; means over N_i), then s1, s2 (shifted)."""
+        cols = [rows.g[0].detach(), rows.g[1].detach()]
         if self.individual:
-            with torch.no_grad():
-                clamp = TAU_GRAD_CLAMP if self.official else None  # official: clamped before the Adam step
-                grad_t1, grad_t2 = (
-                    per_pair_tau_gradient(u, stats_all[:, col].to(dt), float(cfg.rho), eps,
-                                          stats_all[:, col + 2].to(dt) if self.shifted else None, clamp)
-                    for u, col in ((u1_all, 2), (u2_all, 3)))
-                tk = keys_all.to(self.tau1.device)
-                tpick = self._occurrence(tk)
-                self._adam_tau(tk, tpick, grad_t1.to(self.tau1.device), "tau1")
-                self._adam_tau(tk, tpick, grad_t2.to(self.tau2.device), "tau2")
-                self.tau_count[tk[tpick]] += 1  # visits (the exact rules' bias correction; kept under both)
+            cols += [h / batch.local(batch.denom_all) for h in rows.h]
+        if self.shifted:
+            cols += [s[:, 0] for s in rows.s]
+        stats_all = dist_utils.all_gather_no_grad(torch.stack(cols, 1))
+        skeys = batch.keys_all.to(self.u1.device)
+        pick = self.rules.occurrence(skeys)
+        rescale = (None, None)
+        if self.shifted:  # u moves from the old bound's units to the new one's; the bound tables take the new
+            rescale = tuple(torch.exp(old - stats_all[:, col]).to(self.u1.device)
+                            for old, col in zip(temps.old_bounds, (4, 5)))
+            for table, col in ((self.bound1, 4), (self.bound2, 5)):
+                table[skeys[pick]] = stats_all[:, col].to(table.device, table.dtype)[pick]
+        gamma = float(self.gamma)
+        u = [self._update_estimator(table, skeys, pick, stats_all[:, col].to(table.device), gamma, r)
+             for table, col, r in ((self.u1, 0, rescale[0]), (self.u2, 1, rescale[1]))]
+        self.step += 1
+        return tuple(x.to(batch.e1.device, batch.e1.dtype) for x in u), stats_all
 
-        # ---- reported value: this rank's objective estimate (the gradient is the surrogate's)
+    def _update_estimator(self, table, keys, pick, g, gamma: float, rescale) -> torch.Tensor:
+        """Writes the picked occurrences' new u into ``table``; returns the u each entry uses."""
+        new = self.rules.update_estimator(table[keys], g.to(table.dtype), gamma,
+                                          None if rescale is None else rescale.to(table.dtype))
+        table[keys[pick]] = new[pick]
+        return self.rules.estimator_in_use(new, table, keys)
+
+    def _weights(self, batch: _Batch, temps: _Temperatures, u) -> tuple:
+        """w_i = c_i / (u_i + eps) / 2B per side, (B,), detached: the surrogate sum_i w_i g_i has the FCCO gradient.
+        c_i = tau_i (individual, RGCL, where the rules weight by it), tau (detached; multiply_tau, RGCL-g), else 1."""
+        B, e1 = batch.B, batch.e1
+        if self.individual and self.rules.weights_by_pair_tau:
+            c = temps.pair
+        elif self.cfg.multiply_tau and not self.individual:
+            c = (temps.live.detach().expand(B),) * 2
+        else:
+            c = (torch.ones(B, dtype=e1.dtype, device=e1.device),) * 2
+        eps = float(self.cfg.fastclip_eps)
+        return tuple(ci / (ui + eps) / (2 * B) for ci, ui in zip(c, u))
+
+    def _local_part(self, batch: _Batch, temps: _Temperatures, rows: _Rows, w) -> torch.Tensor:
+        """The surrogate's local anchors against all (gathered, live) candidates."""
+        w1, w2 = (batch.local(x) for x in w)
+        if not rows.blocked:
+            return (w1 * rows.g[0]).sum() + (w2 * rows.g[1]).sum()
+        denom = batch.local(batch.denom_all)
+        return (weighted_exp_sum(batch.e1, batch.E2_live, rows.pos, temps.loc[0], w1 / denom, batch.off,
+                                 self.block_logits, rows.s[0], batch.ids)
+                + weighted_exp_sum(batch.e2, batch.E1_live, rows.pos, temps.loc[1], w2 / denom, batch.off,
+                                   self.block_logits, rows.s[1], batch.ids))
+
+    def _remote_part(self, batch: _Batch, temps: _Temperatures, w, stats_all) -> torch.Tensor:
+        """Remote anchors (all ranks' anchors except this rank's, detached, with their u and tau) against this rank's
+        live candidates: the gradient other ranks' anchors send into our features, computed here instead. One
+        process (K = 1) has no remote anchors."""
+        if batch.K == 1:
+            return batch.e1.new_zeros(())
+        b, off, dev = batch.b, batch.off, batch.e1.device
+        rem = torch.cat([torch.arange(off, device=dev), torch.arange(off + b, batch.B, device=dev)])
+        E1, E2 = batch.E1[rem], batch.E2[rem]
+        posd = (E1 * E2).sum(1, keepdim=True)  # detached positives of the remote anchors
+        t1, t2 = (t[rem] for t in temps.anchors) if self.individual else temps.anchors
+        # shifted estimators: the remote anchors' new bounds (the official forward's remote_bounds)
+        s1, s2 = (stats_all[rem, c:c + 1].to(posd.dtype) for c in (4, 5)) if self.shifted else (None, None)
+        w1, w2 = (x[rem] / batch.denom_all[rem] for x in w)
+        ids = None if batch.ids is None else (batch.ids[1][rem], batch.ids[0])
+        # anchor e1_i (i remote) vs live e2_j (j local), and the text-anchor mirror; (B-b, b) each
+        return (weighted_exp_sum(E1, batch.e2, posd, t1, w1, None, self.block_logits, s1, ids)
+                + weighted_exp_sum(E2, batch.e1, posd, t2, w2, None, self.block_logits, s2, ids))
+
+    def _temperature_term(self, batch: _Batch, temps: _Temperatures, u) -> torch.Tensor:
+        """multiply_tau (RGCL-g): d/dtau of tau*F + rho*tau, the part not already in the surrogate: the FCCO estimate
+        of F (mean log u) + rho. Per rank: (1/(2b)) sum_{i in rank} (log u1 + log u2) + rho -> DDP mean =
+        (1/2B) sum_all (...) + rho."""
+        eps = float(self.cfg.fastclip_eps)
+        log_u1, log_u2 = (self.rules.log_u(batch.local(x), eps) for x in u)
+        return temps.live * (0.5 * (log_u1 + log_u2).mean() + float(self.cfg.rho))
+
+    @torch.no_grad()
+    def _update_pair_temperatures(self, batch: _Batch, u, stats_all) -> None:
+        """One Adam step per pair of the global batch on tau1, tau2 (individual), with the gradient
+        log(u_i+eps) + rho + tau_i g_i'(tau_i)/(u_i+eps) (per_pair_tau_gradient), computed with the updated u."""
+        cfg, dt = self.cfg, batch.e1.dtype
+        grads = [per_pair_tau_gradient(ui, stats_all[:, col].to(dt), float(cfg.rho), float(cfg.fastclip_eps),
+                                       stats_all[:, col + 2].to(dt) if self.shifted else None,
+                                       self.rules.tau_grad_clamp)
+                 for ui, col in zip(u, (2, 3))]
+        keys = batch.keys_all.to(self.tau1.device)
+        pick = self.rules.occurrence(keys)
+        for grad, which in zip(grads, ("tau1", "tau2")):
+            self._adam_tau(keys, pick, grad.to(self.tau1.device), which)
+        self.tau_count[keys[pick]] += 1  # visits (the exact rules' bias correction; kept under both)
+
+    def _adam_tau(self, keys, pick, grad, which: str) -> None:
+        """One Adam step on the per-pair temperatures ``which`` of the picked occurrences (Rules.occurrence), with
+        the rules' betas and bias correction."""
+        cfg = self.cfg
+        tau, m, v = getattr(self, which), getattr(self, which + "_m"), getattr(self, which + "_v")
+        k = keys[pick]
+        betas, step = self.rules.tau_adam_schedule(cfg, int(self.epoch), self.tau_count[k], tau.dtype)
+        tau[k], m[k], v[k] = tau_adam_step(tau[k], m[k], v[k], grad[pick].to(tau.dtype), float(cfg.lr_tau), betas,
+                                           cfg.tau_adam_eps, step)
+
+    def _report(self, batch: _Batch, temps: _Temperatures, rows: _Rows, u, surrogate):
+        """The loss: the surrogate's gradient with this rank's objective estimate as its value; and the metrics."""
         with torch.no_grad():
-            lg1 = torch.log(g1.detach() + eps)
-            lg2 = torch.log(g2.detach() + eps)
-            if self.shifted:  # g in plain units
-                lg1, lg2 = lg1 + s1[:, 0], lg2 + s2[:, 0]
-            if self.individual:
-                tl1, tl2 = t1_loc.squeeze(1), t2_loc.squeeze(1)
-                value = 0.5 * (tl1 * (lg1 + cfg.rho) + tl2 * (lg2 + cfg.rho)).mean()
-                tau_metric = 0.5 * (tl1.mean() + tl2.mean())
-            else:
-                value = 0.5 * (lg1 + lg2).mean()
-                if cfg.multiply_tau:
-                    value = tau_live.detach() * value + cfg.rho * tau_live.detach()
-                tau_metric = tau_live.detach()
-            m = torch.stack([value.to(dt), tau_metric.to(dt), u1_all[off:off + b].mean(), u2_all[off:off + b].mean(),
-                             g1.detach().mean(), g2.detach().mean()]).tolist()
+            value, tau = self._objective_estimate(temps, rows)
+            dt = batch.e1.dtype
+            m = torch.stack([value.to(dt), tau.to(dt), batch.local(u[0]).mean(), batch.local(u[1]).mean(),
+                             rows.g[0].detach().mean(), rows.g[1].detach().mean()]).tolist()
         loss = surrogate - surrogate.detach() + value.to(dt)
-        metrics = {"loss_value": m[0], "tau": m[1], "gamma": gamma, "u1_mean": m[2], "u2_mean": m[3],
+        metrics = {"loss_value": m[0], "tau": m[1], "gamma": float(self.gamma), "u1_mean": m[2], "u2_mean": m[3],
                    "g1_mean": m[4], "g2_mean": m[5]}
-        if ids_loc is not None:  # the mean number of positives per anchor (B - n_i; 1 = no other pair of the person)
-            metrics["positives"] = float(B - denom_loc.mean())
+        if batch.ids is not None:  # the mean number of positives per anchor (B - n_i; 1 = no other pair of the person)
+            metrics["positives"] = float(batch.B - batch.local(batch.denom_all).mean())
         return loss, metrics
+
+    def _objective_estimate(self, temps: _Temperatures, rows: _Rows):
+        """This rank's estimate of the objective from the batch's g (not the estimators), and the mean tau."""
+        cfg, eps = self.cfg, float(self.cfg.fastclip_eps)
+        lg1, lg2 = (torch.log(g.detach() + eps) for g in rows.g)
+        if self.shifted:  # g in plain units
+            lg1, lg2 = lg1 + rows.s[0][:, 0], lg2 + rows.s[1][:, 0]
+        if self.individual:
+            tl1, tl2 = (t.squeeze(1) for t in temps.loc)
+            value = 0.5 * (tl1 * (lg1 + cfg.rho) + tl2 * (lg2 + cfg.rho)).mean()
+            return value, 0.5 * (tl1.mean() + tl2.mean())
+        value = 0.5 * (lg1 + lg2).mean()
+        tau = temps.live.detach()
+        if cfg.multiply_tau:
+            value = tau * value + cfg.rho * tau
+        return value, tau

@@ -135,7 +135,8 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x, whose gradient is multiplied by ``factor`` in the backward."""
     return _ScaleGrad.apply(x, factor)
 
 
@@ -153,9 +154,10 @@ def _ids_rows(ids, sl: slice):
     return None if ids is None else (ids[0][sl], ids[1])
 
 
-def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: bool, shift_floor=None, ids=None):
-    """Row sums of P and (``with_h``) of P*X (see _exp_rows), in row blocks of at most ``max_logits`` entries; with
-    ``shift_floor`` (old bounds, a column) P is shifted by each row's new bound, returned third (else None)."""
+def exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: bool, shift_floor=None, ids=None):
+    """Row sums of P, differentiable (outside no_grad), and (``with_h``) the detached row sums of P*X (see _exp_rows),
+    in row blocks of at most ``max_logits`` entries; with ``shift_floor`` (old bounds, a column) P is shifted by each
+    row's new bound, returned third (else None)."""
     g, h, shifts = [], [], []
     for a, z in _row_blocks(anchors.shape[0], cands.shape[0], max_logits):
         sl = slice(a, z)
@@ -166,7 +168,7 @@ def _exp_row_stats(anchors, cands, pos, tau, diag_start, max_logits, with_h: boo
             shifts.append(out[2])
         g.append(P.sum(1))
         if with_h:
-            h.append((P * X).sum(1))
+            h.append((P * X).detach().sum(1))  # only the per-pair temperatures' update reads it
     return torch.cat(g), (torch.cat(h) if with_h else None), (torch.cat(shifts) if shifts else None)
 
 
@@ -175,7 +177,7 @@ def _weighted_rows(anchors, cands, pos, tau, weights, diag_start, shift=None, ro
     return (weights * _exp_rows(anchors, cands, pos, tau, diag_start, shift, ids=ids)[0].sum(1)).sum()
 
 
-def _weighted_exp_sum(anchors, cands, pos, tau, weights, diag_start: Optional[int], max_logits: int, shift=None,
+def weighted_exp_sum(anchors, cands, pos, tau, weights, diag_start: Optional[int], max_logits: int, shift=None,
                       ids=None):
     """sum_i weights_i * sum_j P_ij (P of _exp_rows), differentiable in anchors, cands, pos and a live tau; in row
     blocks under activation checkpointing once the matrix exceeds ``max_logits`` entries, so that the forward keeps
