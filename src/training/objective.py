@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.seeding import Stream, rng_seed
+from training.config import IdConfig
 
 
 def _token_embedding(clip: nn.Module) -> nn.Embedding:
@@ -91,11 +92,12 @@ class Objective:
 
     ``__call__(outputs, batch, mix, teacher)`` returns (loss, metrics). ``teacher`` holds the reference model's
     features of the same (unmixed) batch, computed without gradients by :meth:`teacher_features`. ``id_loss`` is
-    the run's ``cfg.id`` (training/config.py IdConfig) when it has an identity head: ``kind`` arcface or linear
-    (IRRA's classifier: plain cross-entropy on logits), ``weight``, ``arcface_scale``, ``arcface_margin``.
+    the run's ``cfg.id`` when it has an identity head (kind ``linear`` is IRRA's classifier: plain cross-entropy
+    on logits).
     """
 
-    def __init__(self, loss_fn, id_loss=None, teacher: nn.Module | None = None, distill_weight: float = 0.0):
+    def __init__(self, loss_fn, id_loss: IdConfig | None = None, teacher: nn.Module | None = None,
+                 distill_weight: float = 0.0):
         self.loss_fn = loss_fn
         self.id_loss = id_loss
         self.teacher = teacher

@@ -74,6 +74,7 @@ class Trainer:
                                    teacher=self.teacher, distill_weight=cfg.ref.distill_weight)
         self.tokenizer = get_tokenizer(cfg.model.name)
         self.stream = self._stream()
+        self.total_steps = self.stream.n * o.epochs  # the schedules' length: --max-steps stops early, not shorter
         self.state, self.tallies = TrainState(), Tallies()
         self.checkpointer = self._checkpointer()
         try:
@@ -233,8 +234,9 @@ class Trainer:
         return module
 
     def _device_augment(self):
+        """A DeviceAugment when batches are augmented on the accelerator; logs where augmentation runs and the
+        epoch's shape."""
         cfg, o, n = self.cfg, self.cfg.optim, self.stream.n
-        self.total_steps = n * o.epochs  # of the whole run: --max-steps stops early without changing any schedule
         device_augment = None
         if self._augment_on_device:
             from training.device_augment import DeviceAugment
