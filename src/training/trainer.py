@@ -9,7 +9,7 @@ the identity head; the checkpointer collects every component (model, optimizer, 
 the counters, the tallies, the RNG) and resumes them all before the model is wrapped for DDP / torch.compile.
 
 The epoch loop is here too (:meth:`Trainer._train_epoch`): per batch, the step's schedules and seeds, one optimizer
-step (training/step.py), the counters, then the observers (training/hooks.py: logging, key audit, profiler,
+step (training/step.py), the counters, then the observers (training/observers.py: logging, key audit, profiler,
 checkpoints, validation).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from training import stop
 from training.checkpoint import CheckpointError, Checkpointer
 from training.config import TrainConfig
 from training.data import DataError, SampleDecoder, TrainStream, build_train_loader, load_train_sets
-from training.hooks import Checkpoints, KeyAudit, Profile, StepDone, StepLog, Validation
+from training.observers import Checkpoints, KeyAudit, Profile, StepDone, StepLog, Validation
 from training.logger import RunLogger
 from training.objective import Objective, TrainModule, draw_mix
 from training.optim import build_optimizer, lr_at, set_lr
