@@ -111,7 +111,9 @@ class Checkpointer:
     what evaluation reads at the top level beside them. ``absent`` says, per key, why a checkpoint may lack that
     component (the error names it).
 
-    Every rank calls :meth:`save`: a component may gather across ranks in its ``state_dict()``; rank 0 writes."""
+    Rank 0 writes: model, optimizer and the global contrastive loss's estimators are identical on every rank, so its
+    copy is the state. Every rank still calls :meth:`save`, because a component whose state differs per rank (the
+    tallies) gathers it in its ``state_dict()``."""
 
     def __init__(self, ckpt_dir: str, components: dict, meta, *, absent: dict | None = None,
                  epoch_weights_only: bool = False, keep_last_k: int = 0):
