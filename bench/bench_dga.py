@@ -1,7 +1,7 @@
 """Peak memory and step time of one optimizer step with decoupled gradient accumulation (DGA), by number of chunks.
 
 Each configuration runs in a fresh child process (so peak memory is its own): the real trainer step
-(training.train.train_step) on a random batch, one warm-up step then --steps timed steps.
+(training.step.train_step) on a random batch, one warm-up step then --steps timed steps.
 Peak memory: CUDA max_memory_allocated on a GPU; on CPU the process's peak RSS minus its RSS before the first step
 (i.e. what the step added: activations, gradients, optimizer state).
 
@@ -33,7 +33,7 @@ def child(a) -> dict:
     from fast_clip.model import create_model, get_tokenizer
     from training.objective import Objective, TrainModule
     from training.optim import build_optimizer
-    from training.train import train_step
+    from training.step import train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu")
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ finally:
 # f"Data (t): {data_time_m.avg:.3f} Batch (t): {batch_time_m.avg:.3f}, {sps:#g}/s, {sps_gpu:#g}/s/gpu LR: ..."
 PEER_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \(\s*\d+%\)\] Data \(t\): ([0-9.]+) "
                        r"Batch \(t\): ([0-9.]+), ([0-9.e+-]+)/s, ([0-9.e+-]+)/s/gpu")
-# Our console line (training/hooks.py Hooks.log): "... | epoch E step S (b/n) loss ..."
+# Our console line (training/observers.py StepLog): "... | epoch E step S (b/n) loss ..."
 OUR_LINE = re.compile(r"\| epoch (\d+) step (\d+) \((\d+)/(\d+)\)")
 
 

@@ -17,7 +17,7 @@ from training import distributed as du
 from training.optim import build_optimizer, set_lr
 from training.params import parse_args
 from training.objective import Objective, TrainModule
-from training.train import train_step
+from training.step import train_step
 
 out_path, loss_name = sys.argv[1], sys.argv[2]
 float64 = sys.argv[3:4] == ["--float64"]
@@ -41,10 +41,11 @@ loss_fn.set_epoch(1)  # past epoch 0 so that the estimators' moving average (gam
 id_head, id_cfg = None, None
 if args.id_loss != "none":  # 8 identities: pid = key // 4
     from fast_clip.id_head import ArcFaceHead, LinearIdHead
-    from training.objective import IdLossConfig
+    from training.config import IdConfig
     id_head = (LinearIdHead(8, model.visual.output_dim) if args.id_loss == "linear" else
                ArcFaceHead(8, model.visual.output_dim, subcenters=args.arcface_subcenters))
-    id_cfg = IdLossConfig(args.id_loss_weight, args.arcface_scale, args.arcface_margin, args.id_loss)
+    id_cfg = IdConfig(kind=args.id_loss, weight=args.id_loss_weight, arcface_scale=args.arcface_scale,
+                      arcface_margin=args.arcface_margin)
 module = TrainModule(model, id_head)
 opt = build_optimizer(module, lr=1e-3, wd=0.1, head_lr_mult=args.id_head_lr_mult)
 objective = Objective(loss_fn, id_cfg)

@@ -54,12 +54,13 @@ def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
+def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path, monkeypatch):
     from fast_clip.losses import LossConfig, build_loss
     from fast_clip.model import create_model, get_tokenizer
+    from training.main import main
     from training.optim import build_optimizer
     from training.objective import Objective, TrainModule
-    from training.train import NonFiniteError, TrainState, train_one_epoch, train_step
+    from training.step import train_step
 
     torch.manual_seed(0)
     model = TrainModule(create_model("PersonTiny"))
@@ -74,25 +75,25 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_stop_the_run(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
-    class Cfg:
-        batches_per_epoch, total_steps, lr, warmup, lr_scheduler, seed, lr_min = 10, 10, 1e-3, 0, "cosine", 0, 0.0
-        precision, grad_clip_norm, log_every, save_every, max_steps, max_nonfinite_steps = "fp32", None, 100, 0, None, 3
-        accum_chunks, mixup_beta, device_augment = 1, 0.0, None
+    # The trainer's loop on a loss that is never finite: 3 skipped steps, each warned about, then one checkpoint
+    # of the state after them and the run stops.
+    real_call = Objective.__call__
 
-    saved, warnings = [], []
+    def nan_loss(self, *a, **k):
+        loss, metrics = real_call(self, *a, **k)
+        return loss * float("nan"), metrics
 
-    class Hooks:
-        def log(self, *a): pass
-        def log_keys(self, *a): pass
-        def step_done(self): pass
-        def warn(self, m): warnings.append(m)
-        def save(self, state): saved.append(state.global_step)
-        def stop_requested(self): return False
-
-    state = TrainState()
-    with pytest.raises(NonFiniteError, match="3 consecutive non-finite"):
-        train_one_epoch(model, loss_fn, opt, [batch] * 10, state, Cfg, Hooks())
-    assert saved == [3] and len(warnings) == 3 and state.nonfinite_total == 3
+    monkeypatch.setattr(Objective, "__call__", nan_loss)
+    info = write_shards(str(tmp_path / "s"), num_ids=16, shard_size=16)
+    args = _train_args(info["dir"], tmp_path, "nan", "--workers", 0, "--max-nonfinite-steps", 3, "--loss", "openclip")
+    assert main(list(map(str, args))) == 3
+    run = tmp_path / "nan"
+    warnings = [l for l in (run / "out.log").read_text().splitlines() if "non-finite loss" in l]
+    assert len(warnings) == 3
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest.pt"]  # saved once
+    assert torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
+    summary = json.load(open(run / "summary.json"))
+    assert summary["status"] == "stopped: non-finite" and summary["nonfinite_total"] == 3
 
 
 def test_failed_checkpoint_write_leaves_previous_valid(tmp_path, monkeypatch):

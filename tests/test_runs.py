@@ -76,6 +76,18 @@ def test_a_fatal_error_is_recorded_in_the_run_and_a_failed_start_keeps_the_name_
     assert main(_common(shards, tmp_path, "bad", "--max-steps", 1)) == 0  # nothing trained: the name is free
 
 
+@pytest.mark.slow
+def test_val_data_is_validated_at_each_epoch_end_through_the_callable_main_builds(shards, tmp_path):
+    from training.main import main
+
+    test = write_shards(str(tmp_path / "val"), split="test", num_ids=4, seed=3)
+    assert main(_common(shards, tmp_path, "val", "--val-data", test["dir"], "--val-frequency", "1")) == 0
+    log = (tmp_path / "val" / "out.log").read_text()
+    assert "val val epoch 1: " in log and "epoch 1 done" in log.split("val val epoch 1: ")[0]  # after the checkpoint
+    records = [json.loads(l) for l in open(tmp_path / "val" / "train_log.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "val_val"] == [8]
+
+
 def _final(run):
     return torch.load(run / "checkpoints" / "epoch_3.pt", weights_only=True)
 

@@ -133,8 +133,10 @@ ALLOWED = {
     "fast_clip": {"fast_clip", "common"},
     "data_prep": {"data_prep", "common"},
     "evaluation": {"evaluation", "fast_clip", "common"},
-    "training": {"training", "fast_clip", "common", "evaluation.evaluate"},  # periodic validation calls the public evaluator
+    "training": {"training", "fast_clip", "common"},
 }
+# The entry point may know both sides: main.py builds the --val-data callable from the evaluator for the trainer.
+ENTRY_POINTS = {"src/training/main.py": {"evaluation.validation"}}
 OURS = ("common", "fast_clip", "data_prep", "evaluation", "training")
 
 
@@ -152,7 +154,8 @@ def test_imports_only_go_down(pkg):
     base = ROOT / ("data_prep" if pkg == "data_prep" else f"src/{pkg}")
     bad = []
     for f in sorted(base.rglob("*.py")):
+        allowed = ALLOWED[pkg] | ENTRY_POINTS.get(str(f.relative_to(ROOT)), set())
         for mod in _imports(f):
-            if mod.split(".")[0] in OURS and not any(mod == a or mod.startswith(a + ".") for a in ALLOWED[pkg]):
+            if mod.split(".")[0] in OURS and not any(mod == a or mod.startswith(a + ".") for a in allowed):
                 bad.append(f"{f.relative_to(ROOT)} imports {mod}")
     assert bad == []

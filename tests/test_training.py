@@ -2,6 +2,7 @@
 launch-script arithmetic, flag validation, and a golden loss curve."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -204,6 +205,85 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tiny_shards)
     r = run_main(*_args(tiny_shards, tmp_path, "fb", "--resume", "latest", "--max-steps", 5))
     assert "trying an older checkpoint" in r.stdout
     assert "resumed from" in r.stdout and "latest_prev.pt" in r.stdout
+
+
+def test_state_components_round_trip_and_another_data_plan_restarts_the_epoch(tiny_shards):
+    from common.transforms import build_transform, clean_caption
+    from fast_clip.model import get_tokenizer
+    from training.state import ProcessRng, Tallies, TrainState
+
+    def stream(workers, warnings):
+        cfg = D.LoaderConfig(batch_size=8, workers=workers, seed=0, shuffle_buffer=8)
+        dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption)
+        sets = D.load_train_sets(tiny_shards["dir"])
+        return D.TrainStream(sets, cfg, dec, get_tokenizer("PersonTiny"), 0, 1, warn=warnings.append)
+
+    warnings = []
+    a = stream(2, warnings)
+    a.set_epoch(1, start_batch=3)
+    a.advance()
+    same, other = stream(2, warnings), stream(1, warnings)
+    same.load_state_dict(a.state_dict())
+    assert (same.epoch, same.batch_in_epoch, warnings) == (1, 4, [])
+    other.load_state_dict(a.state_dict())
+    assert (other.epoch, other.batch_in_epoch) == (1, 0) and "another data plan" in warnings[0]
+
+    state = TrainState(global_step=7, nonfinite_in_a_row=1, nonfinite_total=2)
+    again = TrainState()
+    again.load_state_dict(state.state_dict())
+    assert again == state
+    tallies = Tallies()
+    tallies.count({"bad": {"bad_image": 2}, "sources": torch.tensor([0, 0, 1])})
+    back = Tallies()
+    back.load_state_dict(tallies.state_dict())
+    assert back.bad_samples == {"bad_image": 2} and back.source_counts == {0: 2, 1: 1}
+    rng = ProcessRng()
+    saved = rng.state_dict()
+    first = (torch.rand(2), random.random())
+    rng.load_state_dict(saved)
+    assert torch.equal(torch.rand(2), first[0]) and random.random() == first[1]
+
+
+def _layout(ckpt: dict) -> dict:
+    """Each top-level key's type, or the sub-keys (in order) of the small dicts and of each rank's counts."""
+    out = {}
+    for k, v in ckpt.items():
+        if k in ("train_state", "data", "rng"):
+            out[k] = list(v)
+        elif k == "per_rank_counts":
+            out[k] = [list(r) for r in v]
+        else:
+            out[k] = "dict" if isinstance(v, dict) else type(v).__name__
+    return out
+
+
+def _as_written_by_2946cfe(ckpt: dict) -> dict:
+    """The same state in the layout of commit 2946cfe: its train_state also held the data position and rank 0's
+    tallies, and the per-rank counts came last."""
+    data, counts = ckpt["data"], ckpt["per_rank_counts"]
+    old = {k: v for k, v in ckpt.items() if k not in ("per_rank_counts", "rng", "model_name", "image_size", "epoch",
+                                                     "step")}
+    old["train_state"] = {"epoch": data["epoch"], "batch_in_epoch": data["batch_in_epoch"], **ckpt["train_state"],
+                          "bad_samples": counts[0]["bad"], "source_counts": counts[0]["sources"]}
+    old["data"] = data
+    old.update({k: ckpt[k] for k in ("rng", "model_name", "image_size", "epoch", "step", "per_rank_counts")})
+    return old
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_2946cfe_layout_resumes_exactly(tmp_path, tiny_shards):
+    run_main(*_args(tiny_shards, tmp_path, "full"))
+    run_main(*_args(tiny_shards, tmp_path, "old", "--max-steps", 5))
+    latest = tmp_path / "old" / "checkpoints" / "latest.pt"
+    old = _as_written_by_2946cfe(torch.load(latest, weights_only=True))
+    expected = json.loads((ROOT / "tests" / "golden" / "checkpoint_layout_2946cfe.json").read_text())["layout"]
+    assert _layout(old) == expected  # what that commit really wrote, recorded from one of its runs
+    torch.save(old, latest)
+    r = run_main(*_args(tiny_shards, tmp_path, "old", "--resume", "latest"))
+    assert "epoch 0, batch 5, step 5" in r.stdout and "another data plan" not in r.stdout
+    _assert_same_run(_final_params(tmp_path / "full"), _final_params(tmp_path / "old"))
+    summary = json.loads((tmp_path / "old" / "summary.json").read_text())
+    assert summary["source_counts"] == {"0": 2 * 64}  # rank 0's tallies came back from the old file
 
 
 # ---------------------------------------------------------------------------------------------------------------

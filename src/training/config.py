@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from fast_clip.losses import LossConfig
 from training.data import LoaderConfig
-from training.objective import IdLossConfig
 
 
 @dataclass(frozen=True)
@@ -76,9 +75,6 @@ class IdConfig:
     @property
     def enabled(self) -> bool:
         return self.kind != "none"
-
-    def loss_config(self) -> IdLossConfig:
-        return IdLossConfig(self.weight, self.arcface_scale, self.arcface_margin, self.kind)
 
 
 @dataclass(frozen=True)

@@ -276,10 +276,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     """Yields ready batches for one rank: dict(images, texts, keys, pids, sources, bad=Counter delta)."""
 
     def __init__(self, sets: list[ShardSet], cfg: LoaderConfig, decoder: SampleDecoder, tokenizer,
-                 rank: int, world: int):
+                 rank: int, world: int, warn=print):
         super().__init__()
         self.sets, self.cfg, self.decoder, self.tokenizer = sets, cfg, decoder, tokenizer
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.warn = rank, world, warn
         self.total_pairs = sum(s.num_pairs for s in sets)
         self.num_samples = cfg.num_samples or self.total_pairs
         if cfg.weights is None and self.num_samples > self.total_pairs:
@@ -324,9 +324,25 @@ class TrainStream(torch.utils.data.IterableDataset):
         return all(saved.get(k, off.get(k)) == v for k, v in self.plan_signature().items())
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+        """The position: the next iteration starts at batch ``start_batch`` of ``epoch``."""
+        self.epoch, self.batch_in_epoch = epoch, start_batch
         if self.cfg.debiased:
             self.plan = debiased_plan(self.per_source, self.cfg.seed, epoch)
+
+    def advance(self) -> None:
+        """One batch consumed by the training loop (loader workers keep the position their iteration started at)."""
+        self.batch_in_epoch += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **self.plan_signature()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        start = saved["batch_in_epoch"]
+        if start and not self.same_plan(saved):
+            self.warn(f"the checkpoint was written with another data plan ({saved}); the order of the rest of "
+                      f"epoch {saved['epoch']} cannot be reproduced, so it restarts at its first batch")
+            start = 0
+        self.set_epoch(saved["epoch"], start)
 
     # -- raw streams ---------------------------------------------------------------------------------------------
     def _concat_stream(self, w: int, counter: "Tally"):
@@ -443,8 +459,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         physical = info.id if info is not None else 0
         W = self.num_workers
-        w = (physical + self.start_batch) % W
-        skip = batches_done_by_worker(self.start_batch, W, w)
+        w = (physical + self.batch_in_epoch) % W
+        skip = batches_done_by_worker(self.batch_in_epoch, W, w)
         for j, samples, delta in self._batches(w):
             if j < skip:
                 continue

@@ -48,62 +48,70 @@ def forward_backward(model, objective, batch: dict, device: torch.device, precis
     """Accumulate d(loss)/d(parameters) into ``.grad``; return (loss tensor, metrics). ``batch`` tensors are on
     ``device``. ``chunks`` = 1 is the ordinary single pass."""
     images, text_mix = mix_inputs(batch["images"], batch["texts"], mix)
-    texts = batch["texts"]
+    forward = _Forward(model, images, batch["texts"], text_mix, device, precision)
     if chunks <= 1:
-        with _autocast(device, precision):
-            out = model(images, texts, text_mix)
-        loss, metrics = objective(out, batch, mix, teacher)
+        loss, metrics = objective(forward(slice(None)), batch, mix, teacher)
         loss.backward()
         return loss, metrics
+    slices = micro_batches(images.shape[0], chunks)
+    rng_states, leaves = _outputs_without_graph(forward, slices, device)
+    learn_scale = bool(getattr(model, "module", model).logit_scale.requires_grad)
+    leaves["logit_scale"].requires_grad_(learn_scale)
+    loss, metrics = objective(leaves, batch, mix, teacher)
+    names = [k for k, v in leaves.items() if v.requires_grad]
+    grads = dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)))
+    del leaves
+    _replay_backward(model, forward, slices, rng_states, grads, device)
+    return loss.detach(), metrics
 
-    n = images.shape[0]
+
+def micro_batches(n: int, chunks: int) -> list[slice]:
     if chunks > n:
         raise ValueError(f"--accum-freq {chunks} is larger than the per-rank batch {n}")
     bounds = torch.linspace(0, n, chunks + 1).round().long().tolist()
-    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    # 1. outputs of every chunk, no graph kept
+
+class _Forward:
+    """The model's forward on one micro-batch (a slice of the step batch), under the step's autocast."""
+
+    def __init__(self, model, images, texts, text_mix, device, precision):
+        self.model, self.images, self.texts, self.text_mix = model, images, texts, text_mix
+        self.device, self.precision = device, precision
+
+    def __call__(self, sl: slice) -> dict:
+        with _autocast(self.device, self.precision):
+            return self.model(self.images[sl], self.texts[sl], _slice_mix(self.text_mix, sl))
+
+
+def _outputs_without_graph(forward: _Forward, slices: list[slice], device) -> tuple[list, dict]:
+    """1. Every chunk's outputs with no graph kept, and the random state each forward started from. The outputs are
+    concatenated into leaves for the loss; the logit scale is one scalar, identical in every chunk."""
     rng_states, parts = [], []
     with torch.no_grad():
         for sl in slices:
             rng_states.append(_rng_get(device))
-            with _autocast(device, precision):
-                out = model(images[sl], texts[sl], _slice_mix(text_mix, sl))
-            parts.append({k: v.detach() for k, v in out.items()})
+            parts.append({k: v.detach() for k, v in forward(sl).items()})
+    leaves = {k: parts[0][k].clone() if k == "logit_scale" else torch.cat([p[k] for p in parts]).requires_grad_(True)
+              for k in parts[0]}
+    return rng_states, leaves
 
-    # 2. the loss on the whole batch, and its gradient w.r.t. each output
-    learn_scale = bool(getattr(model, "module", model).logit_scale.requires_grad)
-    leaves = {}
-    for k in parts[0]:
-        if k == "logit_scale":  # one scalar, identical in every chunk
-            leaves[k] = parts[0][k].clone().requires_grad_(learn_scale)
-        else:
-            leaves[k] = torch.cat([p[k] for p in parts]).requires_grad_(True)
-    loss, metrics = objective(leaves, batch, mix, teacher)
-    names = [k for k, v in leaves.items() if v.requires_grad]
-    grads = dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)))
-    del parts, leaves
 
-    # 3. re-forward each chunk with autograd and push the cached gradients through it
+def _replay_backward(model, forward: _Forward, slices: list[slice], rng_states: list, grads: dict, device) -> None:
+    """3. Re-forward each chunk with autograd from the random state of its first forward and push the cached output
+    gradients through it; the logit scale's gradient goes in once, with the last chunk, whose backward alone
+    all-reduces under DDP."""
     after = _rng_get(device)
     for c, sl in enumerate(slices):
         last = c == len(slices) - 1
-        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             _rng_set(rng_states[c], device)
-            with _autocast(device, precision):
-                out = model(images[sl], texts[sl], _slice_mix(text_mix, sl))
+            out = forward(sl)
             outs, out_grads = [], []
             for k, g in grads.items():
-                if g is None:
-                    continue
-                if k == "logit_scale":
-                    if last:
-                        outs.append(out[k])
-                        out_grads.append(g.to(out[k].dtype))
+                if g is None or (k == "logit_scale" and not last):
                     continue
                 outs.append(out[k])
-                out_grads.append(g[sl].to(out[k].dtype))
+                out_grads.append((g if k == "logit_scale" else g[sl]).to(out[k].dtype))
             torch.autograd.backward(outs, out_grads)
     _rng_set(after, device)
-    return loss.detach(), metrics

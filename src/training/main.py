@@ -4,8 +4,9 @@
     python src/training/main.py ...            (one process, same code)
 
 Everything a run is made of is built by training/trainer.py from the typed config of training/config.py; this file
-only sets up the process (distributed group, model-init seed, signal handling) and reports a fatal error where the
-user will look: the run's own folder and, under scripts/train.sh, the launcher's last line.
+only sets up the process (distributed group, model-init seed, signal handling), builds the --val-data validation
+from the evaluator (the one place where training meets evaluation) and reports a fatal error where the user will
+look: the run's own folder and, under scripts/train.sh, the launcher's last line.
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def main(argv=None) -> int:
     folder = trainer = None
     try:
         folder = RunFolder.claim(cfg.run)
+        validate = _validator(cfg.data.val_data, denv.device) if cfg.data.val_data else None
         from training.trainer import Trainer  # the model stack is imported only when a run starts
-        trainer = Trainer(cfg, denv, folder)
+        trainer = Trainer(cfg, denv, folder, validate)
         return trainer.run()
     except SystemExit as e:
         if isinstance(e.code, str):
@@ -49,6 +51,14 @@ def main(argv=None) -> int:
         stop.uninstall()
         runlock.release()
         dist_utils.destroy_distributed()
+
+
+def _validator(val_data: str, device):
+    from evaluation.validation import EvalError, validator
+    try:
+        return validator(val_data, device)
+    except EvalError as e:  # a typo must not cost an epoch
+        raise SystemExit(f"error: --val-data: {e}")
 
 
 def _check_model(name: str) -> int:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.seeding import Stream, rng_seed
+from training.config import IdConfig
 
 
 def _token_embedding(clip: nn.Module) -> nn.Embedding:
@@ -86,22 +87,16 @@ def mix_inputs(images: torch.Tensor, texts: torch.Tensor, mix: Mix | None):
     return images, (mix.alpha, texts.flip(0))
 
 
-@dataclass
-class IdLossConfig:
-    weight: float
-    scale: float
-    margin: float
-    kind: str = "arcface"  # or "linear" (IRRA's classifier: plain cross-entropy on logits)
-
-
 class Objective:
     """loss = (1 - w_d) * (contrastive + w_id * id) + w_d * distill, each term a mean over this rank's samples.
 
     ``__call__(outputs, batch, mix, teacher)`` returns (loss, metrics). ``teacher`` holds the reference model's
-    features of the same (unmixed) batch, computed without gradients by :meth:`teacher_features`.
+    features of the same (unmixed) batch, computed without gradients by :meth:`teacher_features`. ``id_loss`` is
+    the run's ``cfg.id`` when it has an identity head (kind ``linear`` is IRRA's classifier: plain cross-entropy
+    on logits).
     """
 
-    def __init__(self, loss_fn, id_loss: IdLossConfig | None = None, teacher: nn.Module | None = None,
+    def __init__(self, loss_fn, id_loss: IdConfig | None = None, teacher: nn.Module | None = None,
                  distill_weight: float = 0.0):
         self.loss_fn = loss_fn
         self.id_loss = id_loss
@@ -137,8 +132,8 @@ class Objective:
             if c.kind == "linear":
                 id_term, id_metrics = linear_id_loss(out["image_id"], out["text_id"], batch["pids"])
             else:
-                id_term, id_metrics = id_loss_from_cos(out["image_id"], out["text_id"], batch["pids"], c.scale,
-                                                       c.margin)
+                id_term, id_metrics = id_loss_from_cos(out["image_id"], out["text_id"], batch["pids"],
+                                                       c.arcface_scale, c.arcface_margin)
             loss = loss + c.weight * id_term
             metrics.update(id_metrics, id_loss=float(id_term.detach()))
         if teacher is not None:

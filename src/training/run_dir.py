@@ -12,7 +12,6 @@ from common import runs
 from training import distributed as dist_utils
 from training import runlock
 from training.config import RunConfig
-from training.train import gather_counts
 
 
 class RunFolder:
@@ -57,9 +56,9 @@ class RunFolder:
         if dist_utils.is_main():
             runs.write_json(os.path.join(self.path, runs.PARAMS), flags)
 
-    def write_summary(self, state, status: str) -> None:
-        """Bad-sample and per-source counts summed over ranks, in summary.json beside the logs (a collective)."""
-        per_rank = gather_counts(state)
+    def write_summary(self, status: str, progress: dict, per_rank: list[dict]) -> None:
+        """The run's counters and every rank's bad-sample and per-source counts (``per_rank``), summed, in
+        summary.json beside the logs."""
         if not dist_utils.is_main():
             return
         bad, sources = Counter(), Counter()
@@ -67,10 +66,10 @@ class RunFolder:
             bad.update(r["bad"])
             sources.update(r["sources"])
         bad, sources = dict(bad), dict(sources)
-        summary = {"status": status, **state.to_dict(), "bad_samples": bad, "source_counts": sources}
+        summary = {"status": status, **progress, "bad_samples": bad, "source_counts": sources}
         runs.write_json(os.path.join(self.path, runs.SUMMARY), summary)
-        print(json.dumps({"status": status, "steps": state.global_step, "skipped_samples": bad,
-                          "nonfinite_steps": state.nonfinite_total}), flush=True)
+        print(json.dumps({"status": status, "steps": progress["global_step"], "skipped_samples": bad,
+                          "nonfinite_steps": progress["nonfinite_total"]}), flush=True)
 
     def record_fatal(self, message: str) -> None:
         """A run that ends in an error says so in its own folder: the message (or traceback) at the end of out.log

@@ -5,36 +5,45 @@ close. ``main.py`` only parses the flags and calls this.
 
 Build order matters where one part reads another: the data sets fix the loss state's size and the number of person
 ids; the loss may set the model's initial temperature; the optimizer sees the parameters after the tower locks and
-the identity head; the checkpointer collects model, optimizer, loss, head and stream, and resumes them all before
-the model is wrapped for DDP / torch.compile.
+the identity head; the checkpointer collects every component (model, optimizer, loss, head, the stream's position,
+the counters, the tallies, the RNG) and resumes them all before the model is wrapped for DDP / torch.compile.
+
+The epoch loop is here too (:meth:`Trainer._train_epoch`): per batch, the step's schedules and seeds, one optimizer
+step (training/step.py), the counters, then the observers (training/observers.py: logging, key audit, profiler,
+checkpoints, validation).
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
 from fast_clip.losses import build_loss
 from fast_clip.model import create_model, default_image_size, get_tokenizer
+from common.seeding import Stream, rng_seed
 from common.transforms import build_transform, clean_caption
-from training import distributed as dist_utils
 from training import stop
 from training.checkpoint import CheckpointError, Checkpointer
 from training.config import TrainConfig
 from training.data import DataError, SampleDecoder, TrainStream, build_train_loader, load_train_sets
-from training.hooks import Hooks
+from training.observers import Checkpoints, KeyAudit, Profile, StepDone, StepLog, Validation
 from training.logger import RunLogger
-from training.objective import Objective, TrainModule
-from training.optim import build_optimizer
+from training.objective import Objective, TrainModule, draw_mix
+from training.optim import build_optimizer, lr_at, set_lr
 from training.run_dir import RunFolder
-from training.train import LoopConfig, NonFiniteError, TrainState, train_one_epoch, unwrap
+from training.state import ProcessRng, Tallies, TrainState
+from training.step import NonFiniteError, train_step, unwrap
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, denv, folder: RunFolder):
-        self.denv, self.folder = denv, folder
-        self.hooks = None
+    """``validate``: None, or a callable (model, tokenizer, image_size) -> {name: metrics} that main.py builds from
+    the evaluator for --val-data (training never imports evaluation)."""
+
+    def __init__(self, cfg: TrainConfig, denv, folder: RunFolder, validate=None):
+        self.denv, self.folder, self.validate = denv, folder, validate
+        self.observers = []
         self.logger = RunLogger(folder.path, enabled=denv.is_main, tensorboard=cfg.run.report_to == "tensorboard")
         try:
             self._build(cfg)
@@ -61,24 +70,23 @@ class Trainer:
         o = cfg.optim
         self.optimizer = build_optimizer(module, o.lr, o.wd, o.betas, o.eps,
                                          head_lr_mult=cfg.id.head_lr_mult if self.id_head is not None else 1.0)
-        self.objective = Objective(self.loss_fn, cfg.id.loss_config() if self.id_head is not None else None,
+        self.objective = Objective(self.loss_fn, cfg.id if self.id_head is not None else None,
                                    teacher=self.teacher, distill_weight=cfg.ref.distill_weight)
         self.tokenizer = get_tokenizer(cfg.model.name)
         self.stream = self._stream()
-        self.checkpointer = Checkpointer(
-            self.folder.ckpt_dir,
-            {"state_dict": self.model, "optimizer": self.optimizer, "loss": self.loss_fn,
-             # beside (not inside) state_dict so that open_clip still loads the checkpoint as a plain model
-             "id_head": self.id_head},
-            self.stream, {"model_name": cfg.model.name, "image_size": list(cfg.model.image_size)},
-            epoch_weights_only=cfg.run.epoch_weights_only, keep_last_k=cfg.run.keep_last_k)
-        self.hooks = Hooks(cfg.run, self.folder.path, self.logger, self.checkpointer, self.stream)
+        self.total_steps = self.stream.n * o.epochs  # the schedules' length: --max-steps stops early, not shorter
+        self.state, self.tallies = TrainState(), Tallies()
+        self.checkpointer = self._checkpointer()
         try:
-            self.state = self.checkpointer.resume(cfg.run.resume, log=self.logger.info, warn=self.logger.warning)
+            path = self.checkpointer.resume(cfg.run.resume, log=self.logger.info, warn=self.logger.warning)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
+        if path is not None:
+            self.logger.info(f"resumed from {path}: epoch {self.stream.epoch}, batch {self.stream.batch_in_epoch}, "
+                             f"step {self.state.global_step}")
         self.train_model = self._wrap(module)
-        self.loop = self._loop_config()
+        self.device_augment = self._device_augment()
+        self.observers = self._observers()
 
     # ---------------------------------------------------------------------------------------------------- build
 
@@ -101,12 +109,6 @@ class Trainer:
                 if not s.is_make_shards_split:  # said once here, not per step: such pairs simply have no other positive
                     log(f"--train-data set {s.spec!r} has no manifest.json: person ids come from each sample's "
                         f"json 'pid'; a pair without one is its own person only")
-        if cfg.data.val_data:  # a typo must not cost an epoch
-            from evaluation.evaluate import EvalError, resolve_shards
-            try:
-                resolve_shards(cfg.data.val_data)
-            except EvalError as e:
-                raise SystemExit(f"error: --val-data: {e}")
         return sets
 
     def _model(self):
@@ -203,7 +205,25 @@ class Trainer:
         decoder = SampleDecoder(transform=build_transform(self.cfg.model.image_size, train=d.augment,
                                                           uint8=self._augment_on_device),
                                 clean=clean_caption, caption_key=d.caption_key)
-        return TrainStream(self.sets, d.loader, decoder, self.tokenizer, self.denv.rank, self.denv.world_size)
+        return TrainStream(self.sets, d.loader, decoder, self.tokenizer, self.denv.rank, self.denv.world_size,
+                           warn=self.logger.warning)
+
+    def _checkpointer(self) -> Checkpointer:
+        cfg = self.cfg
+        components = {
+            "state_dict": self.model, "optimizer": self.optimizer, "loss": self.loss_fn,
+            "id_head": self.id_head,  # beside (not inside) state_dict so that open_clip still loads a plain model
+            "scaler": None,  # bf16 autocast needs no loss scaler; the slot keeps the format stable
+            "train_state": self.state, "data": self.stream, "per_rank_counts": self.tallies,
+            "rng": ProcessRng(),  # last: restored after every other component has loaded
+        }
+
+        def meta() -> dict:  # what evaluation reads at the top level
+            return {"model_name": cfg.model.name, "image_size": list(cfg.model.image_size),
+                    "epoch": self.stream.epoch, "step": self.state.global_step}
+        return Checkpointer(self.folder.ckpt_dir, components, meta,
+                            absent={"id_head": "it was written without --id-loss"},
+                            epoch_weights_only=cfg.run.epoch_weights_only, keep_last_k=cfg.run.keep_last_k)
 
     def _wrap(self, module):
         if self.denv.distributed:
@@ -213,44 +233,57 @@ class Trainer:
             module = torch.compile(module, backend=self.cfg.model.torchcompile_backend)
         return module
 
-    def _loop_config(self) -> LoopConfig:
+    def _device_augment(self):
+        """A DeviceAugment when batches are augmented on the accelerator; logs where augmentation runs and the
+        epoch's shape."""
         cfg, o, n = self.cfg, self.cfg.optim, self.stream.n
         device_augment = None
         if self._augment_on_device:
             from training.device_augment import DeviceAugment
             device_augment = DeviceAugment(cfg.model.image_size, train=cfg.data.augment)
-        loop = LoopConfig(batches_per_epoch=n, total_steps=n * o.epochs, lr=o.lr, warmup=o.warmup,
-                          lr_scheduler=o.lr_scheduler, lr_min=o.lr_min, seed=cfg.seed, precision=o.precision,
-                          grad_clip_norm=o.grad_clip_norm, log_every=cfg.run.log_every, save_every=cfg.run.save_every,
-                          max_steps=o.max_steps, max_nonfinite_steps=o.max_nonfinite_steps,
-                          accum_chunks=o.accum_chunks, mixup_beta=o.mixup_beta, device_augment=device_augment)
         batch = cfg.data.loader.batch_size
         where = f"batched on {self.denv.device}" if device_augment else "per sample in the loader"
         self.logger.info(f"augmentation: {where}{'' if cfg.data.augment else ' (flip, pad-crop, erasing off)'}")
         self.logger.info(f"{n} batches of {batch} per rank per epoch (global batch {batch * self.denv.world_size}"
                          f"{f', DGA in {o.accum_chunks} chunks' if o.accum_chunks > 1 else ''}"
-                         f"{', debiased sampling' if cfg.data.loader.debiased else ''}); {loop.total_steps} steps "
+                         f"{', debiased sampling' if cfg.data.loader.debiased else ''}); {self.total_steps} steps "
                          f"in all")
-        return loop
+        return device_augment
+
+    def _observers(self) -> list:
+        """In the order they are told: the profiler, the key audit and the step log see a step before a checkpoint
+        holds it; an epoch's checkpoint is written before its validation runs."""
+        run, logger, out = self.cfg.run, self.logger, []
+        if run.profile and self.denv.is_main:
+            out.append(Profile(run.profile_steps, self.folder.path, logger))
+        if run.log_keys:
+            out.append(KeyAudit(self.folder.path))
+        out.append(StepLog(logger, run.log_every, self.state, self.tallies, len(self.sets) > 1, self.denv.device))
+        out.append(Checkpoints(self.checkpointer, run.save_every, run.save_frequency, self.cfg.optim.epochs,
+                               logger.info))
+        if self.validate is not None and self.cfg.data.val_frequency:
+            out.append(Validation(lambda: self.validate(unwrap(self.model), self.tokenizer, self.cfg.model.image_size),
+                                  self.cfg.data.val_frequency, logger))
+        return out
 
     # ------------------------------------------------------------------------------------------------------ run
 
     def run(self) -> int:
         """The epochs from the resumed position; 0 when finished or stopped on purpose, 3 after too many non-finite
         steps. A data error ends the run with one error line (SystemExit)."""
-        cfg, state, log = self.cfg, self.state, self.logger.info
+        o, log = self.cfg.optim, self.logger.info
         status, code, error = None, 0, None
         try:
-            while state.epoch < cfg.optim.epochs:
-                if not self._epoch(state):
-                    self.hooks.save(state)
+            while self.stream.epoch < o.epochs:
+                if not self._epoch():
+                    self.checkpointer.save()
                     status = f"stopped by {stop.requested}" if stop.requested else "stopped at --max-steps"
                     if stop.requested:
-                        log(f"{stop.requested}: stopped after step {state.global_step}, latest.pt written; "
+                        log(f"{stop.requested}: stopped after step {self.state.global_step}, latest.pt written; "
                             f"continue with --resume latest")
                     break
-                if cfg.optim.stop_epochs and cfg.optim.stop_epochs <= state.epoch < cfg.optim.epochs:
-                    status = f"stopped at --stop_epochs {cfg.optim.stop_epochs}"
+                if o.stop_epochs and o.stop_epochs <= self.stream.epoch < o.epochs:
+                    status = f"stopped at --stop_epochs {o.stop_epochs}"
                     break
             status = status or "finished"
         except NonFiniteError as e:
@@ -267,51 +300,91 @@ class Trainer:
             # The summary is a collective (counts summed over ranks), so it is written only when every rank knows
             # how the run ended; after an unexpected exception a rank may be gone.
             if status is not None:
-                self.folder.write_summary(state, status)
+                progress = {"epoch": self.stream.epoch, "batch_in_epoch": self.stream.batch_in_epoch,
+                            **self.state.state_dict()}
+                self.folder.write_summary(status, progress, self.tallies.state_dict())
         if error is not None:
             raise SystemExit(f"error: {error}")
         return code
 
-    def _epoch(self, state: TrainState) -> bool:
-        """The rest of epoch ``state.epoch`` and what follows its end (checkpoint, validation); False: stop now."""
-        cfg = self.cfg
-        self.loss_fn.set_epoch(state.epoch)
-        self.stream.set_epoch(state.epoch, state.batch_in_epoch)
-        loader = build_train_loader(self.stream, pin_memory=self.denv.device.type == "cuda")
+    def _epoch(self) -> bool:
+        """The rest of the stream's epoch and what the observers do at its end; False: stop now."""
+        stream = self.stream
+        self.loss_fn.set_epoch(stream.epoch)
+        loader = build_train_loader(stream, pin_memory=self.denv.device.type == "cuda")
         if self.denv.is_main and sys.stderr.isatty():  # a bar for people at a terminal; logs stay line-based
             from tqdm import tqdm
-            loader = tqdm(loader, total=self.stream.n - state.batch_in_epoch, desc=f"epoch {state.epoch}",
+            loader = tqdm(loader, total=stream.n - stream.batch_in_epoch, desc=f"epoch {stream.epoch}",
                           unit="batch", leave=False, dynamic_ncols=True)
-        if not train_one_epoch(self.train_model, self.objective, self.optimizer, loader, state, self.loop,
-                               self.hooks):
+        if not self._train_epoch(loader):
             return False
-        state.epoch += 1
-        state.batch_in_epoch = 0
-        # epoch_N.pt every --save-frequency epochs and at the last one (eval.sh scores the final epoch); latest.pt
-        # (the resume point) at every epoch end
-        every, last = cfg.run.save_frequency, cfg.optim.epochs
-        keep = every > 0 and (state.epoch % every == 0 or state.epoch == last)
-        self.hooks.save(state, epoch_file=state.epoch if keep else None)
-        self.logger.info(f"epoch {state.epoch} done; checkpoint {f'epoch_{state.epoch}.pt' if keep else 'latest.pt'}")
-        if cfg.data.val_frequency and state.epoch % cfg.data.val_frequency == 0:
-            self._validate(state)
+        stream.set_epoch(stream.epoch + 1)
+        for obs in self.observers:
+            obs.epoch_done(stream.epoch, self.state.global_step)
         return True
 
-    def _validate(self, state: TrainState) -> None:
-        if not dist_utils.is_main():
-            dist_utils.barrier()
+    def _train_epoch(self, loader) -> bool:
+        """One optimizer step per batch until the stream's epoch ends; False when training must stop (--max-steps,
+        or a stop signal, agreed by every rank at the same step)."""
+        o, state, stream = self.cfg.optim, self.state, self.stream
+        self.train_model.train()
+        t_data = time.perf_counter()
+        for batch in loader:
+            if stream.batch_in_epoch >= stream.n:
+                break
+            data_time, t0 = time.perf_counter() - t_data, time.perf_counter()
+            skipped, metrics = self._step(batch)
+            done = StepDone(stream.epoch, stream.batch_in_epoch, state.global_step, stream.n, batch["keys"], metrics,
+                            data_time, time.perf_counter() - t0, batch["images"].shape[0] * self.denv.world_size)
+            self.tallies.count(batch)
+            state.global_step += 1
+            stream.advance()
+            self._count_nonfinite(skipped, metrics)
+            for obs in self.observers:
+                obs.step_done(done)
+            if state.nonfinite_in_a_row >= o.max_nonfinite_steps:
+                self.checkpointer.save()
+                raise NonFiniteError(
+                    f"{state.nonfinite_in_a_row} consecutive non-finite steps (last loss {metrics['loss']}); "
+                    f"stopping. The last good state is in the checkpoint folder; lower --lr or use --grad-clip-norm.")
+            if o.max_steps is not None and state.global_step >= o.max_steps:
+                return False
+            if stop.agreed():  # SIGTERM/SIGINT on any rank: finish the step, then run() writes latest.pt
+                return False
+            t_data = time.perf_counter()
+        return True
+
+    def _step(self, batch: dict) -> tuple[bool, dict]:
+        """This step's learning rates, seeds and mixup draw, then the optimizer step: (skipped, scalars)."""
+        o, seed, step, rank, device = self.cfg.optim, self.cfg.seed, self.state.global_step, self.denv.rank, \
+            self.denv.device
+        lr = lr_at(step, o.lr, o.warmup, self.total_steps, o.lr_scheduler, o.lr_min)
+        tau_now = 1.0 / float(unwrap(self.train_model).logit_scale.detach().exp())
+        set_lr(self.optimizer, lr, self.loss_fn.temperature_lr(lr, tau_now, step=step, base_lr=o.lr, warmup=o.warmup,
+                                                               total_steps=self.total_steps, lr_min=o.lr_min))
+        # Per-step seeding keeps dropout and any other main-process randomness identical after a resume.
+        torch.manual_seed(rng_seed(Stream.STEP, seed, step, rank))
+        if self.device_augment is not None:
+            # seeded per (step, rank): a resumed run augments its batches identically
+            g = torch.Generator(device=device)
+            g.manual_seed(rng_seed(Stream.DEVICE_AUGMENT, seed, step, rank))
+            batch = dict(batch, images=self.device_augment(batch["images"].to(device, non_blocking=True), g))
+        out = train_step(self.train_model, self.objective, self.optimizer, batch, device, o.precision,
+                         o.grad_clip_norm, o.accum_chunks, draw_mix(o.mixup_beta, seed, step))
+        return out.pop("skipped"), {**out, "lr": lr}
+
+    def _count_nonfinite(self, skipped: bool, metrics: dict) -> None:
+        state = self.state
+        if not skipped:
+            state.nonfinite_in_a_row = 0
             return
-        from evaluation.evaluate import evaluate_model
-        results = evaluate_model(unwrap(self.model), self.tokenizer,
-                                 build_transform(self.cfg.model.image_size, train=False),
-                                 {"val": self.cfg.data.val_data}, self.denv.device)
-        for name, metrics in results.items():
-            scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.logger.scalars(state.global_step, scalars, prefix=f"val_{name}")
-            self.logger.info(f"val {name} epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-        dist_utils.barrier()
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_total += 1
+        self.logger.warning(f"step {state.global_step}: non-finite loss ({metrics['loss']}) or gradient norm "
+                            f"({metrics['grad_norm']}); step skipped ({state.nonfinite_in_a_row} in a row)")
 
     def close(self) -> None:
-        if self.hooks is not None:
-            self.hooks.close()
+        for obs in self.observers:
+            obs.close()
+        self.observers = []
         self.logger.close()
