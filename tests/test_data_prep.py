@@ -352,6 +352,65 @@ def test_strict_raises_record_error_for_non_utf8(tmp_path):
         read_cuhkpedes(str(tmp_path / "a.json"), Drops(strict=True))
 
 
+def test_captions_of_only_control_characters_are_dropped_and_strict_refuses_them(tmp_path, capsys):
+    caps = ["a man in a red coat", "\x00\x00\x00", "\x1b\x07 \t\x7f", "\u200b\u200d", "\r\n"]
+    ann, imgs = _one_record(tmp_path, "a.jpg", img_bytes())
+    recs = json.load(open(ann))
+    recs[0]["captions"] = caps
+    recs.append({"split": "train", "id": 2, "file_path": "a2.jpg", "captions": ["\x00"]})  # no caption left
+    put(imgs, "a2.jpg", img_bytes())
+    write_json(ann, recs)
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o"]) == 0
+    man, samples = load(str(tmp_path / "o"), "train")
+    assert [s["txt"].decode() for s in samples] == ["a man in a red coat"]
+    assert man["dropped"] == {"empty_caption": 1, "invisible_caption": 4, "no_valid_captions": 1}
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o2", "--strict"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "record 0: field 'captions': invisible_caption (only control characters or whitespace: '\\x00\\x00\\x00')\n")
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("split", ["..", ".", "", "/", "a/b", "../x", ".hidden", "-x", "tr\x00ain"])
+def test_split_must_be_a_plain_folder_name(tmp_path, capsys, split):
+    ann = write_json(tmp_path / "g.json", [{"id": 1, "image_path": "a.jpg", "caption": "a person"}])
+    put(tmp_path / "i", "a.jpg", img_bytes())
+    out = tmp_path / "d" / "o"
+    assert run(["generated", "--annotations", ann, "--images", tmp_path / "i", "-o", out, f"--split={split}"]) == 2
+    assert capsys.readouterr().err == (f"error: --split {split!r}: must be a plain folder name (letters, digits, "
+                                       f"'_', '-', '.'; not starting with '.' or '-')\n")
+    assert not (tmp_path / "d").exists()
+    assert run(["generated", "--annotations", ann, "--images", tmp_path / "i", "-o", out, "--split", "v2.1_x"]) == 0
+
+
+def test_drops_file_never_overwrites_an_input_or_a_file_of_the_output(cuhk, tmp_path, capsys):
+    ann, imgs, _ = cuhk
+    out = tmp_path / "o"
+    args = ["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", out]
+    assert run(args + ["--drops-file", out / "drops.jsonl"]) == 0  # beside the splits: fine
+    os.symlink(ann, tmp_path / "link.jsonl")
+    before = {**tree_hashes(out), **{f"in/{k}": v for k, v in tree_hashes(imgs).items()},
+              "ann": hashlib.sha256(open(ann, "rb").read()).hexdigest()}
+    capsys.readouterr()
+    for drops, says in [(ann, f"is --annotations {ann}:"), (tmp_path / "link.jsonl", f"is --annotations {ann}:"),
+                        (f"{imgs}/train/p0/0.jpg", f"lies in the input --images {imgs} (train/p0/0.jpg):"),
+                        (f"{imgs}/new.jsonl", "lies in the input --images"),
+                        (out / "manifest.json", f"lies in the output --output {out} (manifest.json):"),
+                        (out / "train" / "sizes.json", "(train/sizes.json)"),
+                        (out / "test" / "test-000000.tar", "(test/test-000000.tar)"),
+                        (out, "is a folder")]:
+        assert run(args + ["--strict", "--drops-file", drops]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --drops-file {drops}: ") and says in err and err.count("\n") == 1, err
+        assert {**tree_hashes(out), **{f"in/{k}": v for k, v in tree_hashes(imgs).items()},
+                "ann": hashlib.sha256(open(ann, "rb").read()).hexdigest()} == before
+    # written by temp file + rename: a hard link to the annotation file at the drops file's path is replaced, not
+    # written through
+    os.link(ann, tmp_path / "hard.jsonl")
+    assert run(args + ["--drops-file", tmp_path / "hard.jsonl"]) == 0
+    assert hashlib.sha256(open(ann, "rb").read()).hexdigest() == before["ann"]
+    assert (tmp_path / "hard.jsonl").read_text() == ""
+
+
 @pytest.mark.parametrize("content, msg", [
     (b"{not json", "not valid JSON"),
     (b'{"a": 1}', "wrong top-level type"),
