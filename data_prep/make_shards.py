@@ -120,8 +120,8 @@ def _check_drops_file(args) -> None:
             continue  # a file of its own beside the split folders
         what = "is" if rel == "." else f"lies in {'the output' if flag == '--output' else 'the input'}"
         raise PrepError(f"--drops-file {args.drops_file}: {what} {flag} {url}{'' if rel == '.' else f' ({rel})'}: "
-                        f"it must not overwrite an input or a file of the output; give a path outside the inputs and the "
-                        f"output's folders")
+                        f"it must not overwrite an input or a file of the output; give a path outside the inputs "
+                        f"and the output's folders")
 
 
 def index(directory: str) -> int:

@@ -24,7 +24,7 @@ from . import FORMAT_VERSION
 from common.fsio import get_fs, is_local, join, sha256_file, write_atomic
 from .records import SPLITS, Drops, PrepError, id_sort_key
 
-STAGING = ".staging"  # new files wait here (SPLIT/.staging/, the manifest in OUT/.staging/) until every split is complete
+STAGING = ".staging"  # SPLIT/.staging/ and (the manifest) OUT/.staging/: new files wait there until all are complete
 REPLACED = ".replaced"  # OUT/.replaced/: what a commit replaces or removes, kept until the new manifest is in place
 
 
@@ -345,11 +345,11 @@ class Commit:
         set_aside = join(self.out, REPLACED) + "/"
         extra = [n for n in new if n not in old]  # new files that no earlier file will overwrite when moved back
         return (f"--output {self.out}: the commit failed ({_why(error)}) and undoing it failed too "
-                f"({_why(undo_error)}), so the output mixes two runs: {len(old)} earlier file(s) are set aside in "
-                f"{set_aside} ({_listing(old)}) and {len(new)} file(s) of this run are in place ({_listing(new)}). "
+                f"({_why(undo_error)}), so the output mixes two runs: {_listing(old)} earlier file(s) are set aside "
+                f"in {set_aside} and {_listing(new)} file(s) of this run are in place. "
                 f"To finish this run's output, delete {set_aside} and run the same command again; to get the "
                 f"earlier output back, move every file under {set_aside} back to the same path under {self.out}"
-                + (f" and delete these files of this run from it: {_listing(extra)} (`make_shards.py verify` "
+                + (f" and delete these {_listing(extra)} file(s) of this run from it (`make_shards.py verify` "
                    f"names any shard left to delete)" if extra else ""))
 
 
@@ -359,7 +359,9 @@ def _why(e: BaseException) -> str:
 
 
 def _listing(names: list[str], most: int = 10) -> str:
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+    """'3 (a, b, c)': a count and the names, the first ``most`` of them."""
+    shown = ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+    return f"{len(names)} ({shown})" if names else "0"
 
 
 def _remove(fs, path: str) -> bool:

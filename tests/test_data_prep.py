@@ -670,11 +670,11 @@ def test_a_commit_whose_undo_fails_says_exactly_what_is_where(cuhk, tmp_path, mo
     new = ["train/sizes.json"] + [f"train/train-00000{i}.tar" for i in range(4)]
     assert err == (
         f"error: --output {out}: the commit failed (OSError: injected) and undoing it failed too (OSError: "
-        f"injected), so the output mixes two runs: 6 earlier file(s) are set aside in {out}/.replaced/ "
-        f"({', '.join(aside)}) and 5 file(s) of this run are in place ({', '.join(new)}). To finish this run's "
-        f"output, delete {out}/.replaced/ and run the same command again; to get the earlier output back, move every "
-        f"file under {out}/.replaced/ back to the same path under {out} and delete these files of this run from it: "
-        f"train/train-000003.tar (`make_shards.py verify` names any shard left to delete)\n")
+        f"injected), so the output mixes two runs: 6 ({', '.join(aside)}) earlier file(s) are set aside in "
+        f"{out}/.replaced/ and 5 ({', '.join(new)}) file(s) of this run are in place. To finish this run's output, "
+        f"delete {out}/.replaced/ and run the same command again; to get the earlier output back, move every file "
+        f"under {out}/.replaced/ back to the same path under {out} and delete these 1 (train/train-000003.tar) "
+        f"file(s) of this run from it (`make_shards.py verify` names any shard left to delete)\n")
     monkeypatch.undo()
     # The message is the truth: the files it names are where it says.
     assert {k: v for k, v in tree_hashes(out / ".replaced").items()} == {k: before[k] for k in aside}
