@@ -148,6 +148,7 @@ def test_a_pipe_line_in_a_list_file_is_refused_and_runs_nothing(tmp_path, capsys
     assert str(e.value) == f"--data: {said}"
     assert default_datasets(str(lst)) == {}  # a run's params.json train_data: warned, nothing looked up
     assert said in capsys.readouterr().err
+    assert default_datasets(f"pipe:touch {planted}") == {}  # nor is a pipe: train_data of params.json run by eval
     assert not planted.exists()
     # pipe: given as the spec itself (the command line) is still a shard
     assert load_test_set(f"pipe:cat {tmp_path}/a.tar").num_queries == 3
