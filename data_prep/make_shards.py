@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from common import shards
+from common.fsio import get_fs, is_local, write_atomic
 from data_prep.records import Drops, PrepError
 from data_prep.sources import OUTPUT_OPTIONS, SOURCES, Source
 
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args, command) -> int:
     drops = Drops(strict=args.strict)
+    if args.drops_file:
+        _check_drops_file(args)
     try:
         return _run(args, command, drops)
     finally:
@@ -80,14 +85,46 @@ def _run(args, command, drops) -> int:
 
 
 def _write_drops(path: str, drops) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in drops.records:
-            f.write(json.dumps(r, ensure_ascii=False, default=str, sort_keys=True) + "\n")
+    # by temp file + rename: a link at the path is replaced, never written through
+    data = "".join(json.dumps(r, ensure_ascii=False, default=str, sort_keys=True) + "\n" for r in drops.records)
+    try:
+        write_atomic(*get_fs(os.path.abspath(path)), data.encode("utf-8"))
+    except OSError as e:
+        raise PrepError(f"--drops-file {path}: cannot write ({type(e).__name__}: {e.strerror or e})") from e
     print(f"dropped records listed in {path} ({len(drops.records)})", file=sys.stderr)
 
 
+def _local_path(url) -> str | None:
+    fs, path = get_fs(url)
+    return os.path.realpath(path) if is_local(fs) else None
+
+
+def _check_drops_file(args) -> None:
+    """--drops-file is written over: refused (before anything is written) when it is an input (an --annotations file,
+    anything under --images) or a file of the output (its manifest.json, anything in its split folders)."""
+    given = os.path.abspath(args.drops_file)
+    if os.path.isdir(given):
+        raise PrepError(f"--drops-file {args.drops_file}: is a folder; give a file name")
+    # the path itself and, when it is a link, what it leads to
+    paths = {os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given)), os.path.realpath(given)}
+    options = vars(args)
+    annotations = options.get("annotations") or []
+    for flag, url in [*(("--annotations", a) for a in ([annotations] if isinstance(annotations, str) else annotations)),
+                      ("--images", options.get("images")), ("--output", args.output)]:
+        root = _local_path(url) if url else None
+        clash = next((p for p in paths if root and (p == root or p.startswith(root.rstrip(os.sep) + os.sep))), None)
+        if clash is None:
+            continue
+        rel = os.path.relpath(clash, root)
+        if flag == "--output" and os.sep not in rel and rel not in (".", shards.MANIFEST_FILE):
+            continue  # a file of its own beside the split folders
+        what = "is" if rel == "." else f"lies in {'the output' if flag == '--output' else 'the input'}"
+        raise PrepError(f"--drops-file {args.drops_file}: {what} {flag} {url}{'' if rel == '.' else f' ({rel})'}: "
+                        f"it must not overwrite an input or a file of the output; give a path outside the inputs "
+                        f"and the output's folders")
+
+
 def index(directory: str) -> int:
-    from common import shards
     try:
         urls = shards.resolve(directory)
         sizes = {shards.basename(u): shards.count_samples(u) for u in urls}

@@ -7,7 +7,7 @@ import json
 import posixpath
 
 from common.fsio import get_fs, read_bytes
-from .records import SPLITS, AnnotationError, Drops, Entry, is_utf8_clean, safe_relpath
+from .records import SPLITS, AnnotationError, Drops, Entry, has_visible_text, is_utf8_clean, safe_relpath
 
 
 def load_json(url: str, top=list, encoding: str = "utf-8"):
@@ -55,6 +55,9 @@ class _Collector:
                 self.drops.drop("empty_caption", file, idx, fieldname, "", split)
             elif not is_utf8_clean(c):
                 self.drops.drop("non_utf8_text", file, idx, fieldname, "caption is not valid UTF-8", split)
+            elif not has_visible_text(c):
+                self.drops.drop("invisible_caption", file, idx, fieldname, f"only control characters or whitespace: "
+                                f"{c[:40]!r}", split)
             else:
                 out.append(c)
         return out

@@ -94,3 +94,9 @@ def is_utf8_clean(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def has_visible_text(text: str) -> bool:
+    """False when the text is only whitespace, control characters (NULs, escapes), format or unassigned code points:
+    nothing a caption could describe with."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -123,6 +124,10 @@ SPLIT = option("--split", default="train", help="split to write (the file has no
 
 
 def _prepare_annotated(reader, reader_args: tuple[str, ...], args, drops):
+    if "split" in reader_args and not re.fullmatch(r"\w[\w.-]*", args.split):
+        # The split names the folder it is written to: '..', '/x' or 'a/b' would write outside --output.
+        raise PrepError(f"--split {args.split!r}: must be a plain folder name (letters, digits, '_', '-', '.'; "
+                        f"not starting with '.' or '-')")
     entries = reader(args.annotations, drops, **{k: getattr(args, k) for k in reader_args})
     fs, root = get_fs(args.images)
     if not fs.isdir(root):  # a typo or an unmounted disk: every image would be dropped as missing

@@ -11,6 +11,7 @@ from common import shards
 
 from . import FORMAT_VERSION
 from common.fsio import get_fs, join
+from .records import has_visible_text
 
 
 def _samples(data: bytes, where: str, problems: list):
@@ -147,8 +148,8 @@ class _SplitTally:
     def _caption(self, sw: str, files: dict) -> None:
         try:
             text = files["txt"].decode("utf-8")
-            if not text.strip():
-                self.problems.append(f"{sw}: empty caption")
+            if not has_visible_text(text):
+                self.problems.append(f"{sw}: empty caption (nothing but whitespace or control characters)")
             self.cap_words += len(text.split())
         except UnicodeDecodeError:
             self.problems.append(f"{sw}: caption is not UTF-8")

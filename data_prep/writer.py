@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
+import posixpath
 import signal
 import sys
 import threading
@@ -23,13 +24,13 @@ from . import FORMAT_VERSION
 from common.fsio import get_fs, is_local, join, sha256_file, write_atomic
 from .records import SPLITS, Drops, PrepError, id_sort_key
 
-STAGING = ".staging"  # new shards wait here until every split is complete (then they are renamed into place)
+STAGING = ".staging"  # SPLIT/.staging/ and (the manifest) OUT/.staging/: new files wait there until all are complete
+REPLACED = ".replaced"  # OUT/.replaced/: what a commit replaces or removes, kept until the new manifest is in place
 
 
 class ShardSink:
     """Cuts samples into shards of at most maxcount samples / maxsize bytes and stages each finished shard in
-    SPLIT/.staging/ -- unless identical bytes already sit at its final name (re-runs skip finished work). Nothing
-    under a final name changes until :func:`commit_split`.
+    SPLIT/.staging/ -- unless identical bytes already sit at its final name (re-runs skip finished work).
 
     A finished shard is packed by :meth:`Workers.pack` (a worker process when there is a pool: packing through
     webdataset's TarWriter costs ~80 us per pair, and in this process it would cap make_shards at one core). Hashing
@@ -218,7 +219,8 @@ class Workers:
 
 
 def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, opts, progress=True) -> dict:
-    """Packs one split into SPLIT/.staging/ (see ShardSink); :func:`commit_split` puts it in place."""
+    """Packs one split into SPLIT/.staging/ (see ShardSink), its sizes.json included; :func:`commit` puts it in
+    place."""
     entries = sorted(entries, key=lambda e: (id_sort_key(e.orig_id), e.image))
     split_dir = join(out_path, split)
     fs.makedirs(split_dir, exist_ok=True)
@@ -265,6 +267,8 @@ def write_split(fs, out_path, split, entries, workers: Workers, drops: Drops, op
     if key == 0:
         raise PrepError(f"split {split!r}: none of its {len(entries)} images could be packed "
                         f"(dropped: {drops.split_dict(split)}); is --images right? Nothing in the output was changed")
+    write_atomic(fs, join(split_dir, STAGING, shards.SIZES_FILE),
+                 shards.sizes_json({s["name"]: s["count"] for s in sink.shards}))
     return {
         "pairs": key, "images": image_id, "captions": key, "identities": len(pids),
         "shards": sink.shards,
@@ -295,30 +299,134 @@ class _ProgressLines:
                   f"{(self.total - self.done) / max(rate, 1e-9):.0f} s left)", file=sys.stderr, flush=True)
 
 
-def commit_split(fs, out_path: str, split: str, info: dict) -> None:
-    """Staged shards to their final names, shards of an earlier, longer run removed, sizes.json rewritten."""
-    split_dir = join(out_path, split)
-    for name in info["_staged"]:
-        fs.mv(join(split_dir, STAGING, name), join(split_dir, name))
-    _remove_stale_shards(fs, split_dir, split, {s["name"] for s in info["shards"]})
-    write_atomic(fs, join(split_dir, shards.SIZES_FILE),
-                 shards.sizes_json({s["name"]: s["count"] for s in info["shards"]}))
-    _remove_staging(fs, split_dir)
+class Commit:
+    """Renames staged files into place, all or nothing as far as renames allow: the file a rename would replace (or a
+    stale shard) is first moved to OUT/.replaced/ under its relative path, and every rename is journaled. On any
+    failure (Ctrl-C included) the journal is undone in reverse, which leaves the previous output byte for byte; only
+    when undoing fails too does a mix remain, and the error then says what is where and how to repair it. A process
+    killed mid-commit leaves OUT/.replaced/ behind, which the next run refuses to overwrite."""
+
+    def __init__(self, fs, out_path: str):
+        self.fs, self.out = fs, out_path
+        self.journal: list[tuple[str, str]] = []  # (source, destination) of every rename done, in order
+
+    def _mv(self, src: str, dst: str) -> None:
+        self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        self.fs.mv(src, dst)
+        self.journal.append((src, dst))
+
+    def set_aside(self, rel: str) -> None:
+        if self.fs.exists(join(self.out, rel)):
+            self._mv(join(self.out, rel), join(self.out, REPLACED, rel))
+
+    def place(self, staged: str, rel: str) -> None:
+        self.set_aside(rel)
+        self._mv(staged, join(self.out, rel))
+
+    def undo(self, error: BaseException) -> None:
+        """Every rename back, newest first; PrepError describing the mix when some of them fail."""
+        set_aside = join(self.out, REPLACED) + "/"
+        failed, restored = [], set()
+        for src, dst in reversed(self.journal):
+            try:
+                self.fs.mv(dst, src)
+                restored.add(src)
+            except Exception as e:
+                failed.append((src, dst, e))
+        old = sorted(dst[len(set_aside):] for _, dst, _ in failed if dst.startswith(set_aside))
+        # a new file stays in place unless the earlier file it replaced was moved back over it
+        new = sorted(dst[len(self.out) + 1:] for _, dst, _ in failed
+                     if not dst.startswith(set_aside) and dst not in restored)
+        if old or new:
+            raise PrepError(self._mixed(error, failed[0][2], old, new)) from error
+        _remove(self.fs, join(self.out, REPLACED))
+
+    def _mixed(self, error: BaseException, undo_error: Exception, old: list[str], new: list[str]) -> str:
+        set_aside = join(self.out, REPLACED) + "/"
+        extra = [n for n in new if n not in old]  # new files that no earlier file will overwrite when moved back
+        return (f"--output {self.out}: the commit failed ({_why(error)}) and undoing it failed too "
+                f"({_why(undo_error)}), so the output mixes two runs: {_listing(old)} earlier file(s) are set aside "
+                f"in {set_aside} and {_listing(new)} file(s) of this run are in place. "
+                f"To finish this run's output, delete {set_aside} and run the same command again; to get the "
+                f"earlier output back, move every file under {set_aside} back to the same path under {self.out}"
+                + (f" and delete these {_listing(extra)} file(s) of this run from it (`make_shards.py verify` "
+                   f"names any shard left to delete)" if extra else ""))
+
+
+def _why(e: BaseException) -> str:
+    detail = getattr(e, "strerror", None) or str(e)
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
+def _listing(names: list[str], most: int = 10) -> str:
+    """'3 (a, b, c)': a count and the names, the first ``most`` of them."""
+    shown = ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+    return f"{len(names)} ({shown})" if names else "0"
+
+
+def _remove(fs, path: str) -> bool:
+    """Best effort: False when it could not be removed."""
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return True
+    except OSError:
+        return False
+
+
+def commit(fs, out_path: str, splits: dict) -> None:
+    """Every split's staged shards and sizes.json, then the manifest, into place (see :class:`Commit`). The old
+    manifest goes aside first, so that a commit cut short by a kill never looks complete."""
+    c = Commit(fs, out_path)
+    try:
+        c.set_aside(shards.MANIFEST_FILE)
+        for s, info in splits.items():
+            staging = join(out_path, s, STAGING)
+            for name in [*info["_staged"], shards.SIZES_FILE]:
+                c.place(join(staging, name), f"{s}/{name}")
+            for name in _stale_shards(fs, join(out_path, s), s, {x["name"] for x in info["shards"]}):
+                c.set_aside(f"{s}/{name}")
+        c.place(join(out_path, STAGING, shards.MANIFEST_FILE), shards.MANIFEST_FILE)
+    except BaseException as e:
+        try:
+            c.undo(e)
+        finally:
+            _discard_staging(fs, out_path, splits)
+        raise
+    leftovers = [p for p in (join(out_path, REPLACED), *_staging_dirs(out_path, splits)) if not _remove(fs, p)]
+    if leftovers:
+        print(f"warning: {out_path} is complete, but {', '.join(leftovers)} could not be removed: delete "
+              f"{'them' if len(leftovers) > 1 else 'it'}", file=sys.stderr)
+
+
+def _staging_dirs(out_path: str, splits) -> list[str]:
+    return [join(out_path, STAGING), *(join(out_path, s, STAGING) for s in splits)]
+
+
+def _discard_staging(fs, out_path: str, splits) -> None:
+    for p in _staging_dirs(out_path, splits):
+        _remove(fs, p)
+
+
+def _refuse_unfinished_commit(fs, out_path: str) -> None:
+    """OUT/.replaced/ holding files is what a killed commit (or one whose undo failed) leaves: this run would mix its
+    own files into it."""
+    replaced = join(out_path, REPLACED)
+    if fs.exists(replaced) and fs.find(replaced):
+        raise PrepError(f"--output {out_path}: {replaced}/ holds files set aside by a commit that did not finish, "
+                        f"so the output may mix two runs: to finish a new output, delete {replaced}/ and run again; "
+                        f"to get the earlier output back, move every file under it back to the same path under "
+                        f"{out_path} (`make_shards.py verify` then names any shard left to delete)")
 
 
 def _remove_temporaries(fs, split_dir):
-    """Leftovers of an interrupted run: hidden .NAME.tmp files and staged shards are never committed, remove them."""
+    """Leftovers of an interrupted run: hidden .NAME.tmp files and staged files are never committed, remove them."""
     for p in fs.ls(split_dir, detail=False):
         base = p.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith(".") and base.endswith(".tmp"):
             fs.rm(p)
-    _remove_staging(fs, split_dir)
-
-
-def _remove_staging(fs, split_dir):
-    staging = join(split_dir, STAGING)
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
+    if fs.exists(join(split_dir, STAGING)):
+        fs.rm(join(split_dir, STAGING), recursive=True)
 
 
 def other_splits(fs, out_path: str, splits) -> list[str]:
@@ -332,12 +440,10 @@ def other_splits(fs, out_path: str, splits) -> list[str]:
     return sorted(out)
 
 
-def _remove_stale_shards(fs, split_dir, split, keep):
+def _stale_shards(fs, split_dir, split, keep) -> list[str]:
     """A previous run with more shards would leave extra SPLIT-*.tar files that a glob would pick up."""
-    for p in fs.ls(split_dir, detail=False):
-        base = p.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith(f"{split}-") and base.endswith(".tar") and base not in keep:
-            fs.rm(p)
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(split_dir, detail=False))
+    return sorted(n for n in names if n.startswith(f"{split}-") and n.endswith(".tar") and n not in keep)
 
 
 def split_order(splits):
@@ -346,35 +452,31 @@ def split_order(splits):
 
 def write_dataset(output: str, entries_by_split: dict, loader, drops: Drops, opts: dict, command: list,
                   progress: bool = True) -> dict:
+    """Every split and the manifest are staged first; only then does :func:`commit` put them in place."""
     fs, out_path = get_fs(output)
     fs.makedirs(out_path, exist_ok=True)
-    manifest_path = join(out_path, shards.MANIFEST_FILE)
+    _refuse_unfinished_commit(fs, out_path)
+    _remove(fs, join(out_path, STAGING))  # a manifest staged by a killed run
     workers = Workers(loader, opts.get("workers", 1))
     splits: dict = {}
     try:
         for s in split_order(entries_by_split):
             splits[s] = write_split(fs, out_path, s, entries_by_split[s], workers, drops, opts, progress)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "splits": {s: {k: v for k, v in info.items() if not k.startswith("_")} for s, info in splits.items()},
+            "dropped": drops.as_dict(),
+            "command": list(command),
+            "options": opts,
+        }
+        write_atomic(fs, join(out_path, STAGING, shards.MANIFEST_FILE),
+                     json.dumps(manifest, indent=1, sort_keys=False, default=str).encode())
     except BaseException:
-        for s in entries_by_split:  # the previous output stays as it was: drop what this run staged
-            if fs.exists(join(out_path, s)):
-                _remove_staging(fs, join(out_path, s))
+        _discard_staging(fs, out_path, entries_by_split)  # the previous output stays as it was
         raise
     finally:
         workers.close()
-    # Every split is complete: now the old manifest goes (an interrupted commit must not look complete), the staged
-    # shards take their names, and the new manifest is written last.
-    if fs.exists(manifest_path):
-        fs.rm(manifest_path)
-    for s, info in splits.items():
-        commit_split(fs, out_path, s, info)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "splits": {s: {k: v for k, v in info.items() if not k.startswith("_")} for s, info in splits.items()},
-        "dropped": drops.as_dict(),
-        "command": list(command),
-        "options": opts,
-    }
-    write_atomic(fs, manifest_path, json.dumps(manifest, indent=1, sort_keys=False, default=str).encode())
+    commit(fs, out_path, splits)
     manifest["_runtime"] = {s: {k: v for k, v in info.items() if k.startswith("_")} for s, info in splits.items()}
     manifest["_other_splits"] = other_splits(fs, out_path, splits)
     return manifest

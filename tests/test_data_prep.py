@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import io
+import itertools
 import json
 import os
+import shutil
 import tarfile
 
 import fsspec
@@ -349,6 +352,65 @@ def test_strict_raises_record_error_for_non_utf8(tmp_path):
         read_cuhkpedes(str(tmp_path / "a.json"), Drops(strict=True))
 
 
+def test_captions_of_only_control_characters_are_dropped_and_strict_refuses_them(tmp_path, capsys):
+    caps = ["a man in a red coat", "\x00\x00\x00", "\x1b\x07 \t\x7f", "\u200b\u200d", "\r\n"]
+    ann, imgs = _one_record(tmp_path, "a.jpg", img_bytes())
+    recs = json.load(open(ann))
+    recs[0]["captions"] = caps
+    recs.append({"split": "train", "id": 2, "file_path": "a2.jpg", "captions": ["\x00"]})  # no caption left
+    put(imgs, "a2.jpg", img_bytes())
+    write_json(ann, recs)
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o"]) == 0
+    man, samples = load(str(tmp_path / "o"), "train")
+    assert [s["txt"].decode() for s in samples] == ["a man in a red coat"]
+    assert man["dropped"] == {"empty_caption": 1, "invisible_caption": 4, "no_valid_captions": 1}
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", tmp_path / "o2", "--strict"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "record 0: field 'captions': invisible_caption (only control characters or whitespace: '\\x00\\x00\\x00')\n")
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("split", ["..", ".", "", "/", "a/b", "../x", ".hidden", "-x", "tr\x00ain"])
+def test_split_must_be_a_plain_folder_name(tmp_path, capsys, split):
+    ann = write_json(tmp_path / "g.json", [{"id": 1, "image_path": "a.jpg", "caption": "a person"}])
+    put(tmp_path / "i", "a.jpg", img_bytes())
+    out = tmp_path / "d" / "o"
+    assert run(["generated", "--annotations", ann, "--images", tmp_path / "i", "-o", out, f"--split={split}"]) == 2
+    assert capsys.readouterr().err == (f"error: --split {split!r}: must be a plain folder name (letters, digits, "
+                                       f"'_', '-', '.'; not starting with '.' or '-')\n")
+    assert not (tmp_path / "d").exists()
+    assert run(["generated", "--annotations", ann, "--images", tmp_path / "i", "-o", out, "--split", "v2.1_x"]) == 0
+
+
+def test_drops_file_never_overwrites_an_input_or_a_file_of_the_output(cuhk, tmp_path, capsys):
+    ann, imgs, _ = cuhk
+    out = tmp_path / "o"
+    args = ["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", out]
+    assert run(args + ["--drops-file", out / "drops.jsonl"]) == 0  # beside the splits: fine
+    os.symlink(ann, tmp_path / "link.jsonl")
+    before = {**tree_hashes(out), **{f"in/{k}": v for k, v in tree_hashes(imgs).items()},
+              "ann": hashlib.sha256(open(ann, "rb").read()).hexdigest()}
+    capsys.readouterr()
+    for drops, says in [(ann, f"is --annotations {ann}:"), (tmp_path / "link.jsonl", f"is --annotations {ann}:"),
+                        (f"{imgs}/train/p0/0.jpg", f"lies in the input --images {imgs} (train/p0/0.jpg):"),
+                        (f"{imgs}/new.jsonl", "lies in the input --images"),
+                        (out / "manifest.json", f"lies in the output --output {out} (manifest.json):"),
+                        (out / "train" / "sizes.json", "(train/sizes.json)"),
+                        (out / "test" / "test-000000.tar", "(test/test-000000.tar)"),
+                        (out, "is a folder")]:
+        assert run(args + ["--strict", "--drops-file", drops]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --drops-file {drops}: ") and says in err and err.count("\n") == 1, err
+        assert {**tree_hashes(out), **{f"in/{k}": v for k, v in tree_hashes(imgs).items()},
+                "ann": hashlib.sha256(open(ann, "rb").read()).hexdigest()} == before
+    # written by temp file + rename: a hard link to the annotation file at the drops file's path is replaced, not
+    # written through
+    os.link(ann, tmp_path / "hard.jsonl")
+    assert run(args + ["--drops-file", tmp_path / "hard.jsonl"]) == 0
+    assert hashlib.sha256(open(ann, "rb").read()).hexdigest() == before["ann"]
+    assert (tmp_path / "hard.jsonl").read_text() == ""
+
+
 @pytest.mark.parametrize("content, msg", [
     (b"{not json", "not valid JSON"),
     (b'{"a": 1}', "wrong top-level type"),
@@ -544,6 +606,88 @@ def test_verify_fails_on_an_empty_split(cuhk, tmp_path, capsys):
     (out / "manifest.json").write_text(json.dumps(man))
     assert make_shards.main(["verify", str(out)]) == 1
     assert "val: empty split" in capsys.readouterr().err
+
+
+# A re-run whose commit fails: v1 has 3 shards per split (maxcount 5), v2 other captions and 4 (maxcount 3).
+
+def _v1_then_v2(cuhk, tmp_path):
+    ann, imgs, recs = cuhk
+    out = tmp_path / "o"
+    assert run(["cuhkpedes", "--annotations", ann, "--images", imgs, "-o", out, "--maxcount", 5]) == 0
+    ann2 = write_json(tmp_path / "v2.json", [dict(r, captions=[c + " (v2)" for c in r["captions"]]) for r in recs])
+    return out, ["cuhkpedes", "--annotations", ann2, "--images", imgs, "-o", out, "--maxcount", 3]
+
+
+def _failing_mv(monkeypatch, fails):
+    """The local file system's mv (every rename make_shards does) raising EIO where ``fails(call number, src, dst)``."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    real, calls = LocalFileSystem.mv, [0]
+
+    def mv(self, src, dst, **kw):
+        calls[0] += 1
+        if fails(calls[0], str(src), str(dst)):
+            raise OSError(errno.EIO, "injected")
+        return real(self, src, dst, **kw)
+
+    monkeypatch.setattr(LocalFileSystem, "mv", mv)
+    return calls
+
+
+def test_a_rename_failing_anywhere_leaves_the_previous_output_byte_identical(cuhk, tmp_path, monkeypatch, capsys):
+    out, v2 = _v1_then_v2(cuhk, tmp_path)
+    before = tree_hashes(out)
+    capsys.readouterr()
+    for n in itertools.count(1):  # fail the 1st rename, then the 2nd, ... until a run gets through
+        calls = _failing_mv(monkeypatch, lambda i, src, dst, n=n: i == n)
+        rc = run(v2)
+        if calls[0] < n:
+            break
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, (n, err)
+        assert err.startswith(f"error: --output {out}: cannot write (OSError: injected); nothing there was changed")
+        assert tree_hashes(out) == before, f"rename {n} of {calls[0]} failed and the output changed"
+        assert not (out / ".replaced").exists()
+    assert rc == 0 and n == 32  # the sweep went through every rename: 11 that stage, 20 that commit
+    monkeypatch.undo()
+    assert make_shards.main(["verify", str(out)]) == 0
+    assert [s["name"] for s in json.load(open(out / "manifest.json"))["splits"]["test"]["shards"]] == [
+        f"test-{i:06d}.tar" for i in range(4)]
+
+
+def test_a_commit_whose_undo_fails_says_exactly_what_is_where(cuhk, tmp_path, monkeypatch, capsys):
+    out, v2 = _v1_then_v2(cuhk, tmp_path)
+    before = tree_hashes(out)
+    capsys.readouterr()
+    # Every rename fails from the one that would put the first test shard in place on, undoing included.
+    broken = []
+    _failing_mv(monkeypatch, lambda i, src, dst: bool(broken) or bool(
+        dst.endswith("/test/test-000000.tar") and ".staging" in src and not broken.append(i)))
+    assert run(v2) == 2
+    err = capsys.readouterr().err
+    aside = ["manifest.json", "test/test-000000.tar", "train/sizes.json"] + [f"train/train-00000{i}.tar"
+                                                                             for i in range(3)]
+    new = ["train/sizes.json"] + [f"train/train-00000{i}.tar" for i in range(4)]
+    assert err == (
+        f"error: --output {out}: the commit failed (OSError: injected) and undoing it failed too (OSError: "
+        f"injected), so the output mixes two runs: 6 ({', '.join(aside)}) earlier file(s) are set aside in "
+        f"{out}/.replaced/ and 5 ({', '.join(new)}) file(s) of this run are in place. To finish this run's output, "
+        f"delete {out}/.replaced/ and run the same command again; to get the earlier output back, move every file "
+        f"under {out}/.replaced/ back to the same path under {out} and delete these 1 (train/train-000003.tar) "
+        f"file(s) of this run from it (`make_shards.py verify` names any shard left to delete)\n")
+    monkeypatch.undo()
+    # The message is the truth: the files it names are where it says.
+    assert {k: v for k, v in tree_hashes(out / ".replaced").items()} == {k: before[k] for k in aside}
+    assert not (out / "manifest.json").exists() and (out / "train" / "train-000003.tar").exists()
+    # The next run refuses to mix its files in; the repair the message gives brings the earlier output back.
+    assert run(v2) == 2
+    assert ".replaced/ holds files set aside by a commit that did not finish" in capsys.readouterr().err
+    for rel in aside:
+        os.replace(out / ".replaced" / rel, out / rel)
+    os.remove(out / "train" / "train-000003.tar")
+    shutil.rmtree(out / ".replaced")
+    assert tree_hashes(out) == before
+    assert run(v2) == 0 and make_shards.main(["verify", str(out)]) == 0
 
 
 # --------------------------------------------------------------------------------------- image and text input ---

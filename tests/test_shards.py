@@ -126,6 +126,65 @@ def test_index_files(tmp_path):
         shards.read_sizes(str(d))
 
 
+def test_a_pipe_line_in_a_list_file_is_refused_and_runs_nothing(tmp_path, capsys):
+    from evaluation.evaluate import default_datasets
+    from evaluation.extract import EvalError, load_test_set
+    from training.data import DataError, load_shard_set
+
+    (tmp_path / "a.tar").write_bytes(shards.pack(golden_samples()))
+    planted = tmp_path / "planted"
+    lst = tmp_path / "shards.txt"  # as shipped with a data set
+    lst.write_text(f"# shards\na.tar\n  pipe:touch {planted}\n")
+    said = (f"shard list {str(lst)!r} line 3: 'pipe:touch {planted}' is a shell command; pipe: is taken only from a "
+            f"spec given on the command line, never from a list file")
+    with pytest.raises(shards.ShardError) as e:
+        shards.resolve(str(lst))
+    assert str(e.value) == said
+    with pytest.raises(DataError) as e:  # the trainer's --train-data
+        load_shard_set(str(lst))
+    assert str(e.value) == f"--train-data set {str(lst)!r}: {said}"
+    with pytest.raises(EvalError) as e:  # the evaluator's --data
+        load_test_set(str(lst))
+    assert str(e.value) == f"--data: {said}"
+    assert default_datasets(str(lst)) == {}  # a run's params.json train_data: warned, nothing looked up
+    assert said in capsys.readouterr().err
+    assert default_datasets(f"pipe:touch {planted}") == {}  # nor is a pipe: train_data of params.json run by eval
+    assert not planted.exists()
+    # pipe: given as the spec itself (the command line) is still a shard
+    assert load_test_set(f"pipe:cat {tmp_path}/a.tar").num_queries == 3
+
+
+@pytest.mark.parametrize("count, says", [
+    (-1, "is not a sample count (an integer >= 0)"),
+    (2.5, "is not a sample count (an integer >= 0)"),
+    ("3", "is not a sample count (an integer >= 0)"),
+    (True, "is not a sample count (an integer >= 0)"),
+    (10 ** 15, "is more than any shard holds (at most 1000000000)"),
+    (41, "is more than its 20480 bytes can hold (one 512-byte header per sample at least)"),
+])
+def test_a_hostile_count_in_an_index_file_is_one_error_naming_file_and_shard(tmp_path, count, says):
+    from training.data import DataError, load_shard_set
+
+    d = tmp_path / "train"
+    d.mkdir()
+    (d / "train-000000.tar").write_bytes(shards.pack(golden_samples()))  # 20480 bytes: room for 40 headers
+    (d / "sizes.json").write_text(json.dumps({"train-000000.tar": count}))
+    said = f"{d}/sizes.json: shard 'train-000000.tar': count {count!r} {says}"
+    with pytest.raises(shards.ShardError) as e:
+        shards.read_sizes(str(d))
+    assert str(e.value) == said
+    with pytest.raises(DataError) as e:  # the trainer's --train-data: one line, before any allocation
+        load_shard_set(str(d))
+    assert str(e.value) == f"--train-data set {str(d)!r}: {said}"
+    (d / "sizes.json").unlink()
+    (d / "train-000000_stats.json").write_text(json.dumps({"successes": count}))  # img2dataset's index
+    if isinstance(count, int) and not isinstance(count, bool):
+        with pytest.raises(shards.ShardError, match=f"train-000000_stats.json: shard 'train-000000.tar': count"):
+            shards.read_stats_counts(str(d), ["train-000000.tar"])
+    (d / "sizes.json").write_text(json.dumps({"train-000000.tar": 40}))
+    assert shards.read_sizes(str(d)) == {"train-000000.tar": 40}  # as many as the headers allow: accepted
+
+
 # Imports only go down: tools -> (training | evaluation) -> fast_clip -> common. data_prep sits beside fast_clip and
 # uses only common; training and evaluation never import each other's modules.
 ALLOWED = {

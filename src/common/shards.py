@@ -163,9 +163,12 @@ def _read_list(path: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise ShardError(f"{path!r} is neither a .tar shard nor a text file listing shards") from e
     files = []
-    for ln in lines:
+    for lineno, ln in enumerate(lines, 1):
         if not ln or ln.startswith("#"):
             continue
+        if is_pipe(ln):  # a list shipped with a data set must not run commands: pipe: only as the spec itself
+            raise ShardError(f"shard list {path!r} line {lineno}: {ln!r} is a shell command; pipe: is taken only "
+                             f"from a spec given on the command line, never from a list file")
         p = ln if os.path.isabs(ln) or is_url(ln) else os.path.join(base, ln)
         if not exists(p):
             raise ShardError(f"shard list {path!r}: listed shard {ln!r} does not exist")
@@ -192,9 +195,12 @@ def read_json(path: str):
 
 def read_sizes(shard_dir: str) -> dict | None:
     """``{shard basename: sample count}`` of the sizes.json in ``shard_dir``, or None when there is none."""
-    sizes = read_json(join(shard_dir, SIZES_FILE))
-    if sizes is not None and not (isinstance(sizes, dict) and all(isinstance(v, int) for v in sizes.values())):
-        raise ShardError(f"{join(shard_dir, SIZES_FILE)}: expected {{shard name: sample count}}")
+    path = join(shard_dir, SIZES_FILE)
+    sizes = read_json(path)
+    if sizes is not None and not isinstance(sizes, dict):
+        raise ShardError(f"{path}: expected {{shard name: sample count}}")
+    for name, count in (sizes or {}).items():
+        _check_count(path, shard_dir, name, count)
     return sizes
 
 
@@ -204,10 +210,31 @@ def read_stats_counts(shard_dir: str, names: list[str]) -> dict | None:
     out = {}
     for n in names:
         stem = n[: -len(".tar")] if n.endswith(".tar") else n
-        stats = read_json(join(shard_dir, f"{stem}_stats.json"))
+        path = join(shard_dir, f"{stem}_stats.json")
+        stats = read_json(path)
         if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
-            out[n] = stats["successes"]
+            out[n] = _check_count(path, shard_dir, n, stats["successes"])
     return out or None
+
+
+MAX_SHARD_COUNT = 10 ** 9  # samples one shard may claim: a tar that held more would be over 500 GB (512-byte headers)
+
+
+def _check_count(index: str, shard_dir: str, name: str, count) -> int:
+    """A count read from the index file ``index`` sizes the epoch plan and the per-pair estimators before any shard is
+    read: one that is not an integer >= 0, or more than the shard could hold, is refused here instead of becoming a
+    traceback or a huge allocation. A local shard holds at most one sample per 512-byte tar header."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        problem = "is not a sample count (an integer >= 0)"
+    elif count > MAX_SHARD_COUNT:
+        problem = f"is more than any shard holds (at most {MAX_SHARD_COUNT})"
+    else:
+        shard = join(shard_dir, name)
+        size = os.path.getsize(shard) if not is_url(shard) and os.path.isfile(shard) else None
+        if size is None or count <= size // _BLOCK:
+            return count
+        problem = f"is more than its {size} bytes can hold (one {_BLOCK}-byte header per sample at least)"
+    raise ShardError(f"{index}: shard {name!r}: count {count!r} {problem}")
 
 
 def count_samples(url: str) -> int:
