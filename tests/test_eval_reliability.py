@@ -133,6 +133,16 @@ def test_load_test_set_refuses_or_reports_every_kind_of_incomplete_split(split4)
     assert ts.num_queries == n and len(ts.shards) == 4 and "test-000009.tar" in ts.partial["problems"][0]
 
 
+def test_resolve_shards_refuses_a_split_with_missing_shards_so_a_trainer_stops_at_start(split4):
+    from evaluation.extract import resolve_shards
+
+    test = split4[0] / "test"
+    (test / "test-000000.tar").unlink()
+    with pytest.raises(EvalError, match=r"incomplete: 1 of 4 shards listed in .* \(test-000000.tar\)"):
+        resolve_shards(str(test))  # what the trainer calls on --val-data before training
+    assert len(resolve_shards(str(test), allow_partial=True)) == 3
+
+
 # ------------------------------------------------------------------------------------ item 1: a partial test split
 @pytest.mark.slow
 def test_a_partial_test_split_is_refused_and_with_allow_partial_reported_as_partial(split4, tmp_path, capsys):

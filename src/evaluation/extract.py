@@ -101,11 +101,15 @@ def _resolve(spec: str | Sequence[str]) -> tuple[list[str], dict[str, shards.Spl
     return out, checks
 
 
-def resolve_shards(spec: str | Sequence[str]) -> list[str]:
+def resolve_shards(spec: str | Sequence[str], allow_partial: bool = False) -> list[str]:
     """Shard files of a test set: ``spec`` is anything :func:`common.shards.resolve` takes (a directory, a brace
     pattern, a glob, a single tar, a text file listing shards; local or fsspec URL), several of those joined with
-    ``::``, or a list of them. A folder that the manifest.json beside it does not list is refused."""
-    return _resolve(spec)[0]
+    ``::``, or a list of them. A folder that the manifest.json beside it does not list is refused, and so, unless
+    ``allow_partial``, is one that lacks listed shards or holds unlisted ones (what reading finds is
+    :func:`load_test_set`'s). The trainer calls this on --val-data at start, so a partial split costs no epoch."""
+    paths, checks = _resolve(spec)
+    _check_listing(checks, str(spec), allow_partial)
+    return paths
 
 
 def _fix(check: shards.SplitCheck) -> str:
@@ -116,9 +120,15 @@ def _fix(check: shards.SplitCheck) -> str:
             f"data_prep/make_shards.py index {check.folder})")
 
 
+def _check_listing(checks: dict[str, shards.SplitCheck], name: str, allow_partial: bool) -> None:
+    for check in checks.values():
+        if check.problems and not allow_partial:
+            raise _refuse(name, check, check.problems)
+
+
 def _refuse(name: str, check: shards.SplitCheck, problems: list[str]) -> EvalError:
     return EvalError(f"test set {name!r}: split {check.folder} is incomplete: {'; '.join(problems)}; {_fix(check)}, "
-                     f"or pass --allow-partial to score what is there (reported as partial)")
+                     f"or score what is there with eval.sh --allow-partial (reported as partial)")
 
 
 class _Builder:
@@ -219,9 +229,7 @@ def load_test_set(spec: str | Sequence[str], name: str = "test", clean: Callable
     it. With ``allow_partial`` the set is read anyway (unlisted shards left out) and ``ts.partial`` says what it
     lacks."""
     paths, checks = _resolve(spec)
-    for check in checks.values():
-        if check.problems and not allow_partial:
-            raise _refuse(name, check, check.problems)
+    _check_listing(checks, name, allow_partial)
     paths = [p for p in paths if shards.basename(p) not in checks[shards.parent(p)].extra]
     ts = TestSet(name=name, shards=paths, listed=_listed(checks),
                  problems=[f"{c.folder}: {p}" for c in checks.values() for p in c.problems])
