@@ -81,7 +81,6 @@ def _resolve(spec: str | Sequence[str]) -> tuple[list[str], dict[str, shards.Spl
     """Shard files of ``spec`` and the check of each split folder they lie in (see :func:`resolve_shards`)."""
     parts = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
-    checks: dict[str, shards.SplitCheck] = {}
     for part in parts:
         for sub in str(part).split("::"):
             if sub.strip():
