@@ -234,6 +234,29 @@ def test_evaluations_of_different_data_never_share_a_report(tmp_path, capsys):
     assert counts == [12, 20]
 
 
+@pytest.mark.slow
+def test_the_runs_own_test_split_keeps_epoch_n_but_never_overwrites_another_data_sets(tmp_path, capsys):
+    """params.json's train_data changed since (e.g. by a refused --resume with another --train-data): the default
+    test split is another one, and its results must not replace the first one's epoch_N report."""
+    roots = [tmp_path / "a" / "synth", tmp_path / "b" / "synth"]
+    for i, root in enumerate(roots):
+        write_split(root / "train", shards=1, seed=7 + i)
+        write_split(root / "test", shards=1, seed=9 + i, n_pids=5 - 2 * i)
+    run = _run_dir(tmp_path, str(roots[0] / "train"))
+    assert main([str(run), "--workers", "0"]) == 0
+    first = (run / "eval" / "epoch_1.json").read_text()
+    assert main([str(run), "--workers", "0"]) == 0  # the same data again: the same name
+    assert sorted(p.name for p in (run / "eval").glob("*.json")) == ["epoch_1.json"]
+    params = json.loads((run / "params.json").read_text())
+    (run / "params.json").write_text(json.dumps({**params, "train_data": str(roots[1] / "train")}))
+    capsys.readouterr()
+    assert main([str(run), "--workers", "0"]) == 0
+    assert "epoch_1.md holds the results of other data" in capsys.readouterr().err
+    assert (run / "eval" / "epoch_1.json").read_text() == first
+    other = json.loads(one_report(run / "eval", "epoch_1_synth_").read_text())["synth"]
+    assert other["num_queries"] == 12
+
+
 # ------------------------------------------------------------------------------------ item 4: flags before work
 @pytest.mark.parametrize("flags,needle", [(["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
                                           (["--workers", "-1"], "--workers must be >= 0, got -1"),

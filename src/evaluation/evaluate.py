@@ -413,12 +413,19 @@ def _plan(args, w: runs.Weights) -> tuple[dict[str, str], str]:
     return data, args.output or os.path.join(w.run_dir, runs.EVAL_DIR)
 
 
-def report_tag(args, w: runs.Weights, sets: Mapping[str, TestSet]) -> str:
-    """The report's file name stem. A run scored on its own whole test split(s) keeps ``epoch_N``; any other data is
-    named by its dataset names and 8 hex digits of a hash of the shard files read (absolute paths, in order), plus
-    ``partial`` when a set is: results of different data never share a file, so none overwrites another's."""
+def report_tag(args, w: runs.Weights, sets: Mapping[str, TestSet], out_dir: str, data_line: str) -> str:
+    """The report's file name stem. A run scored on its own whole test split(s) keeps ``epoch_N``, unless the
+    ``epoch_N.md`` already there records other data (``data_line`` differs: params.json's train_data was changed
+    since); any other data is named by its dataset names and 8 hex digits of a hash of the shard files read
+    (absolute paths, in order), plus ``partial`` when a set is: results of different data never share a file, so
+    none overwrites another's."""
+    plain = f"epoch_{w.epoch}"
     if w.run_dir is not None and not args.data and not any(ts.partial for ts in sets.values()):
-        return f"epoch_{w.epoch}"
+        recorded = _recorded_data(os.path.join(out_dir, f"{plain}.md"))
+        if recorded in (None, data_line):
+            return plain
+        print(f"warning: {out_dir}/{plain}.md holds the results of other data ({recorded}); not overwritten",
+              file=sys.stderr)
     h = hashlib.sha256()
     for n, ts in sets.items():
         h.update(json.dumps([n, [p if shards.is_url(p) else os.path.abspath(p) for p in ts.shards]]).encode())
@@ -426,6 +433,15 @@ def report_tag(args, w: runs.Weights, sets: Mapping[str, TestSet]) -> str:
             else _safe(os.path.splitext(os.path.basename(w.path))[0]) or "pretrained")
     partial = "_partial" if any(ts.partial for ts in sets.values()) else ""
     return f"{stem}_{_safe('+'.join(sets))}{partial}_{h.hexdigest()[:8]}"
+
+
+def _recorded_data(md_path: str) -> str | None:
+    """The ``data:`` line of a report written by :func:`write_report`; None when there is none."""
+    try:
+        with open(md_path, encoding="utf-8") as f:
+            return next((ln[len("- data: "):].rstrip("\n") for ln in f if ln.startswith("- data: ")), None)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _read_test_sets(data: Mapping[str, str], allow_partial: bool) -> dict[str, TestSet]:
@@ -450,7 +466,7 @@ def _run(args) -> int:
                   date=_dt.datetime.now().isoformat(timespec="seconds"),
                   data="; ".join(f"{n}={spec}" for n, spec in data.items()))
     sets = _read_test_sets(data, args.allow_partial)  # before the model, so that bad data fails fast
-    tag = report_tag(args, w, sets)
+    tag = report_tag(args, w, sets, out_dir, header["data"])
     model = load_model(w.model, w.path, w.image_size, device)
     tokenizer, transform = get_tokenizer(w.model), default_transform(w.image_size)
     results, examples = {}, []
