@@ -56,6 +56,13 @@ def write_split(split_dir: Path, n_pids=5, imgs_per_pid=2, caps_per_img=2, shard
     return len(samples), image_id
 
 
+def one_report(folder: Path, prefix: str) -> Path:
+    """The one ``PREFIX*.json`` report in ``folder`` (names of other data end in a hash of the shards read)."""
+    found = [p for p in folder.glob(f"{prefix}*.json")]
+    assert len(found) == 1, (prefix, sorted(p.name for p in folder.iterdir()))
+    return found[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from fast_clip.model import create_model
@@ -110,9 +117,10 @@ def test_epoch_and_data_options(tiny_run, tmp_path, capsys):
                "--data", str(test_dir), str(test_dir / "test-{000000..000001}.tar"), f"mylist={lst}"])
     assert rc == 0, capsys.readouterr().err
     # named by the data it scored (the run's own test split alone keeps epoch_N), which the report records
-    results = json.loads((tmp_path / "o" / "epoch_1_synth+synth_2+mylist.json").read_text())
+    report = one_report(tmp_path / "o", "epoch_1_synth+synth_2+mylist_")
+    results = json.loads(report.read_text())
     assert list(results) == ["synth", "synth_2", "mylist"]
-    assert f"mylist={lst}" in (tmp_path / "o" / "epoch_1_synth+synth_2+mylist.md").read_text()
+    assert f"mylist={lst}" in report.with_suffix(".md").read_text()
     assert "reading test set mylist" in capsys.readouterr().err  # progress while it works
     # Same shards, same model: identical numbers whichever way the shards were named.
     assert results["synth"] == results["synth_2"] == results["mylist"]
@@ -128,8 +136,9 @@ def test_pretrained_mode_and_evaluate_model(tiny_run, tmp_path, capsys):
     rc = main(["--pretrained", str(ckpt), "--model", "PersonTiny", "--image-size", "64", "32", "--data", test_dir,
                "--output", str(tmp_path), "--workers", "0"])
     assert rc == 0, capsys.readouterr().err
-    from_cli = json.loads((tmp_path / "epoch_1_synth.json").read_text())["synth"]
-    assert (tmp_path / "epoch_1_synth_examples.png").exists()
+    report = one_report(tmp_path, "epoch_1_synth_")
+    from_cli = json.loads(report.read_text())["synth"]
+    assert report.with_name(report.stem + "_examples.png").exists()
 
     model = tiny_run["model"]
     model.train()
@@ -222,6 +231,8 @@ def test_error_unknown_model_and_unsafe_checkpoint(tiny_run, tmp_path, capsys):
     (run / "params.json").write_text(json.dumps({"model": "PersonTiny", "train_data": ""}))
     err = _err([str(run), "--data", str(tiny_run["shards"] / "test"), "--workers", "0"], capsys)
     assert "epoch_1.pt" in err and "refusing" in err
+    # a checkpoint that does not name its model: params.json's name is used, and an unknown one is refused
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, run / "checkpoints" / "epoch_1.pt")
     (run / "params.json").write_text(json.dumps({"model": "NoSuchNet", "train_data": ""}))
     assert "NoSuchNet" in _err([str(run), "--data", str(tiny_run["shards"] / "test")], capsys)
 

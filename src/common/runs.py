@@ -1,8 +1,8 @@
 """The run folder's contract, in one place: what ``LOGS/NAME`` holds, how its files are named, written and read.
 
     LOGS/NAME/
-        params.json                every flag of the run (written by training; evaluation and export read model,
-                                   image_size and train_data from it)
+        params.json                every flag of the run (written by training; evaluation and export read
+                                   train_data from it, model and image_size only where a checkpoint lacks them)
         summary.json               status, counters, bad-sample and per-source counts, a fatal error
         out.log, train_log.jsonl   the console lines; one JSON record per logged step
         checkpoints/latest.pt      complete (it resumes); latest_prev.pt is the one before, kept as a fallback

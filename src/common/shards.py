@@ -12,12 +12,14 @@ batches nor an exact mid-epoch resume.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
 import posixpath
 import tarfile
 import zlib
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from braceexpand import braceexpand
@@ -276,6 +278,111 @@ def read_split_info(shard_dir: str) -> dict | None:
                          f"(it lists {', '.join(manifest['splits']) or 'none'}): shards left by an earlier run? "
                          f"Delete the folder or re-make it")
     return info if isinstance(info, dict) else None
+
+
+@dataclass
+class SplitCheck:
+    """The shard files a reader was given for one split folder, against what the folder's manifest.json entry (or,
+    without one, its sizes.json) lists. Nothing here raises for what is wrong: :attr:`problems` says it and the caller
+    decides (evaluation refuses unless told to score a partial split; training may count the pairs as lost).
+
+    The listing is checked before reading (:func:`check_split`: missing and unlisted shards); what can only be known
+    by reading (a truncated shard, other bytes) is checked by :meth:`shard_problem` with the count and, where the
+    reader hashed the bytes as it streamed them, the sha256 it saw."""
+    folder: str
+    listed_in: str | None = None                             # the file the listing came from; None: nothing to check
+    counts: dict[str, int] = field(default_factory=dict)     # listed shard -> sample count
+    sha256: dict[str, str] = field(default_factory=dict)     # listed shard -> hash (manifest.json only)
+    missing: list[str] = field(default_factory=list)         # listed, not among the files given
+    not_on_disk: list[str] = field(default_factory=list)     # the missing ones that do not exist either
+    extra: list[str] = field(default_factory=list)           # given, not listed
+    disagree: list[str] = field(default_factory=list)        # sizes.json and manifest.json counts differ
+    totals: dict = field(default_factory=dict)               # the manifest's split totals (pairs, images, ...)
+
+    @property
+    def problems(self) -> list[str]:
+        """One phrase per kind of problem found before reading; empty when the files are the whole listed split."""
+        out = []
+        if self.not_on_disk:
+            out.append(f"{len(self.not_on_disk)} of {len(self.counts)} shards listed in {self.listed_in} do not exist "
+                       f"({_some(self.not_on_disk)})")
+        named = [n for n in self.missing if n not in self.not_on_disk]
+        if named:
+            out.append(f"{len(named)} of {len(self.counts)} listed shards are not among the shards given "
+                       f"({_some(named)})")
+        if self.extra:
+            out.append(f"{len(self.extra)} shards are not listed in {self.listed_in} ({_some(self.extra)})")
+        if self.disagree:
+            out.append(f"{SIZES_FILE} and {MANIFEST_FILE} disagree on the counts of {_some(self.disagree)}")
+        return out
+
+    def shard_problem(self, name: str, count: int, sha256: str | None = None) -> str | None:
+        """What is wrong with listed shard ``name`` as read (``count`` samples, bytes hashing to ``sha256``)."""
+        if name not in self.counts:
+            return None
+        if count != self.counts[name]:
+            return f"{name}: {count} samples read where {basename(self.listed_in)} lists {self.counts[name]}"
+        if sha256 is not None and self.sha256.get(name) not in (None, sha256):
+            return f"{name}: its sha256 is not the one {MANIFEST_FILE} lists (the file was changed or damaged)"
+        return None
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_split(folder: str, files: list[str]) -> SplitCheck:
+    """Check ``files`` (the shards of ``folder`` a spec resolved to) against the folder's listing: its entry in the
+    manifest.json beside it (shards, counts, sha256s, totals; ShardError when the manifest does not list the folder,
+    see :func:`read_split_info`), else its sizes.json. A folder with neither has nothing to check against
+    (``listed_in`` None, no problems). Costs two small reads and, for missing shards, an existence test each."""
+    info = read_split_info(folder)
+    sizes = read_sizes(folder)
+    check = SplitCheck(folder)
+    shards_info = info.get("shards") if info else None
+    if isinstance(shards_info, list) and all(isinstance(s, dict) and "name" in s for s in shards_info):
+        check.listed_in = join(parent(folder), MANIFEST_FILE)
+        check.counts = {s["name"]: s.get("count") for s in shards_info}
+        check.sha256 = {s["name"]: s["sha256"] for s in shards_info if isinstance(s.get("sha256"), str)}
+        check.totals = {k: v for k, v in info.items() if isinstance(v, int)}
+        check.disagree = sorted(n for n in (sizes or {}) if sizes[n] != check.counts.get(n))
+    elif sizes is not None:
+        check.listed_in, check.counts = join(folder, SIZES_FILE), dict(sizes)
+    else:
+        return check
+    given = [basename(f) for f in files]
+    check.missing = [n for n in check.counts if n not in given]
+    check.not_on_disk = [n for n in check.missing if not exists(join(folder, n))]
+    check.extra = [n for n in given if n not in check.counts]
+    return check
+
+
+class HashingReader:
+    """A binary stream that hashes what is read through it (sha256), for checking a shard against its listed hash
+    while it is read anyway: no second pass over the bytes. :meth:`hexdigest` reads what the reader left (a tar's
+    end-of-archive padding) first. Used as a context manager it leaves the underlying file open; :meth:`close`."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        for block in iter(lambda: self.read(1 << 20), b""):
+            pass
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------------

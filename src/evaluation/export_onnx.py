@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from common import runs
-from evaluation.evaluate import load_model, resolve_weights
+from evaluation.evaluate import check_image_size, load_model, resolve_weights
 from evaluation.extract import EvalError, run_cli
 
 __all__ = ["Encoder", "ImageEncoder", "TextEncoder", "export_encoders", "verify_encoders", "main"]
@@ -34,6 +35,7 @@ __all__ = ["Encoder", "ImageEncoder", "TextEncoder", "export_encoders", "verify_
 IMAGE_FILE, TEXT_FILE, REPORT_FILE = "image_encoder.onnx", "text_encoder.onnx", "export.json"
 DEFAULT_OPSET = 17  # torchscript exporter; the dynamo exporter starts at 18
 DYNAMO_MIN_OPSET = 18
+MIN_OPSET, TORCHSCRIPT_MAX_OPSET = 7, 20  # torch.onnx's range for dynamo=False (torch 2.14)
 # Captions for the check: real tokenised text of varied lengths, so the end-of-text position the text tower pools at
 # moves.
 CHECK_CAPTIONS = (
@@ -223,10 +225,16 @@ def _check_args(args) -> None:
         raise EvalError("--pretrained needs --output DIR")
     if args.batch_check < 1:
         raise EvalError(f"--batch-check must be >= 1, got {args.batch_check}")
+    if not (math.isfinite(args.atol) and args.atol >= 0):
+        raise EvalError(f"--atol must be a finite number >= 0, got {args.atol}")
+    check_image_size(args)
     if args.opset is None:
         args.opset = DYNAMO_MIN_OPSET if args.exporter == "dynamo" else DEFAULT_OPSET
     if args.exporter == "dynamo" and args.opset < DYNAMO_MIN_OPSET:
         raise EvalError(f"--exporter dynamo needs --opset >= {DYNAMO_MIN_OPSET}, got {args.opset}")
+    if args.exporter == "torchscript" and not MIN_OPSET <= args.opset <= TORCHSCRIPT_MAX_OPSET:
+        raise EvalError(f"--opset must be {MIN_OPSET} to {TORCHSCRIPT_MAX_OPSET} with the torchscript exporter, "
+                        f"got {args.opset}")
 
 
 def _report(args, w: runs.Weights, ctx: int, paths: dict[str, str], check: dict, batches: list[int]) -> dict:
