@@ -224,7 +224,7 @@ class Trainer:
                           grad_clip_norm=o.grad_clip_norm, log_every=cfg.run.log_every, save_every=cfg.run.save_every,
                           max_steps=o.max_steps, max_nonfinite_steps=o.max_nonfinite_steps,
                           accum_chunks=o.accum_chunks, mixup_beta=o.mixup_beta, device_augment=device_augment)
-        batch = cfg.data.loader.batch_size
+        batch = cfg.data.loader.step_batch_size
         where = f"batched on {self.denv.device}" if device_augment else "per sample in the loader"
         self.logger.info(f"augmentation: {where}{'' if cfg.data.augment else ' (flip, pad-crop, erasing off)'}")
         self.logger.info(f"{n} batches of {batch} per rank per epoch (global batch {batch * self.denv.world_size}"

@@ -13,7 +13,6 @@ from fast_clip.schedules import warmup_cosine
 
 class ContrastiveLoss(nn.Module):
     learns_model_temperature: bool = False
-    supports_mixup: bool = False  # soft (mixed) targets; only the InfoNCE loss has them
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
