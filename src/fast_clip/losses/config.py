@@ -92,8 +92,7 @@ def _infer_fastclip_variant(scheme: Optional[str], multiply_tau: Optional[bool])
     raise _bad("--temperature_scheme", "one of " + _fmt_choices(TEMPERATURE_SCHEMES), scheme)
 
 
-def _non_negative(v) -> Optional[str]:
-    return None if v >= 0 else f"must be a non-negative number, got {v!r}"
+_non_negative = rule(lambda v: v >= 0, "must be a non-negative number")
 
 
 @dataclass
