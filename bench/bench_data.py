@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 
 from fast_clip.model import get_tokenizer
-from training.data import LoaderConfig, SampleDecoder, TrainStream, build_train_loader, load_train_sets
+from training.config import LoaderConfig
+from training.data import SampleDecoder, TrainStream, build_train_loader, load_train_sets
 from training.device_augment import DeviceAugment
 from common.transforms import build_transform, clean_caption
 
@@ -27,7 +28,7 @@ def ours(shards, image_size, batch, workers, max_batches, uint8=False):
     augmentation then runs on the accelerator and is timed separately (augment_ms_per_batch)."""
     sets = load_train_sets(shards)
     dec = SampleDecoder(build_transform(image_size, train=not uint8, uint8=uint8), clean_caption)
-    stream = TrainStream(sets, LoaderConfig(batch_size=batch, workers=workers, seed=0), dec,
+    stream = TrainStream(sets, LoaderConfig(step_batch_size=batch, workers=workers, seed=0), dec,
                          get_tokenizer("PersonTiny"), rank=0, world=1)
     stream.set_epoch(0)
     n = min(max_batches, stream.n)

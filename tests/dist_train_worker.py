@@ -25,12 +25,12 @@ if float64:
     del sys.argv[3]
     torch.set_default_dtype(torch.float64)
 B, STEPS = 8, 2
-args = parse_args(["--train-data", "unused", "--model", "PersonTiny", "--loss", loss_name, "--local-loss",
+cfg = parse_args(["--train-data", "unused", "--model", "PersonTiny", "--loss", loss_name, "--local-loss",
                    "--data_size", "32"] + sys.argv[3:])
 env = du.init_distributed("cpu")
 torch.manual_seed(0)
 model = create_model("PersonTiny")
-loss_fn = build_loss(args.loss_config, data_size=32, device=env.device,
+loss_fn = build_loss(cfg.loss, data_size=32, device=env.device,
                      dtype=torch.float64 if float64 else torch.float32)
 if loss_fn.initial_logit_scale() is not None:
     with torch.no_grad():
@@ -39,15 +39,13 @@ model.logit_scale.requires_grad_(loss_fn.learns_model_temperature)
 loss_fn.set_epoch(1)  # past epoch 0 so that the estimators' moving average (gamma < 1) is exercised
 
 id_head, id_cfg = None, None
-if args.id_loss != "none":  # 8 identities: pid = key // 4
+if cfg.id.enabled:  # 8 identities: pid = key // 4
     from fast_clip.id_head import ArcFaceHead, LinearIdHead
-    from training.config import IdConfig
-    id_head = (LinearIdHead(8, model.visual.output_dim) if args.id_loss == "linear" else
-               ArcFaceHead(8, model.visual.output_dim, subcenters=args.arcface_subcenters))
-    id_cfg = IdConfig(kind=args.id_loss, weight=args.id_loss_weight, arcface_scale=args.arcface_scale,
-                      arcface_margin=args.arcface_margin)
+    id_head = (LinearIdHead(8, model.visual.output_dim) if cfg.id.kind == "linear" else
+               ArcFaceHead(8, model.visual.output_dim, subcenters=cfg.id.arcface_subcenters))
+    id_cfg = cfg.id
 module = TrainModule(model, id_head)
-opt = build_optimizer(module, lr=1e-3, wd=0.1, head_lr_mult=args.id_head_lr_mult)
+opt = build_optimizer(module, lr=1e-3, wd=0.1, head_lr_mult=cfg.id.head_lr_mult)
 objective = Objective(loss_fn, id_cfg)
 reduce_calls = []
 if env.distributed:
@@ -72,7 +70,7 @@ for step in range(STEPS):
     batch = {"images": images[lo:hi], "texts": texts[lo:hi], "keys": keys[lo:hi], "pids": keys[lo:hi] // 4}
     set_lr(opt, 1e-3, loss_fn.temperature_lr(1e-3, float(1 / model.logit_scale.exp())))
     reduce_calls.append(0)
-    out = train_step(ddp, objective, opt, batch, env.device, accum_chunks=args.accum_chunks)
+    out = train_step(ddp, objective, opt, batch, env.device, accum_chunks=cfg.optim.accum_chunks)
     assert not out["skipped"], out
 if env.is_main:
     torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict(), "reduce_calls": reduce_calls,

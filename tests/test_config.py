@@ -1,89 +1,166 @@
-"""The typed config (training/config.py): every trainer flag reaches it, and the folded flags land where they mean."""
-import argparse
+"""The typed config (training/config.py): every trainer option is declared once, on the config field it sets; the
+parser is generated from those fields, every flag reaches its field, and the folded flags land where they mean."""
+import dataclasses
+import inspect
+import operator
+import typing
 
 import pytest
 
-from fast_clip.losses import LossConfig, add_loss_args
-from training.config import TrainConfig
-from training.params import build_parser, parse_args
+from common.options import OptionError, options
+from fast_clip.losses import LossConfig
+from fast_clip.losses.config import FOLDED_LOSS_FLAGS
+from training import config as C
+from training.config import HELP_SECTIONS, LoaderConfig, TrainConfig
+from training.params import FOLDED_FLAGS, build_parser, fold_flags, parse_args
 
 BASE = ["--train-data", "a::b"]
-
-# Trainer flags that are not fields of the typed config, and why: parse_args folds them into other flags (checked
-# below) or refuses them, or main() acts on them before a run is built.
-NOT_IN_CONFIG = {
-    "check_args": "main() validates and returns before any run",
-    "force_image_size": "folded into image_size",
-    "batch_size": "folded into step_batch_size",
-    "accum_freq": "folded into step_batch_size / accum_chunks",
-    "dga_chunks": "folded into accum_chunks",
-    "dga_chunk_size": "folded into accum_chunks",
-    "local_loss": "accepted for ported commands, always on",
-    "gather_with_grad": "accepted for ported commands, always on",
-    "keep_epoch_checkpoints": "accepted for old commands, no effect",
-    "dataset_resampled": "refused by parse_args",
-    "train_data_upsampling_factors": "refused by parse_args",
-    "step_batch_size": "set by parse_args, not a flag",
-    "accum_chunks": "set by parse_args, not a flag",
-}
+# Where each concern sits in a TrainConfig (the loader inside the data concern).
+PATHS = {C.ModelConfig: "model", C.DataConfig: "data", LoaderConfig: "data.loader", C.OptimConfig: "optim",
+         C.IdConfig: "id", C.RefConfig: "ref", C.RunConfig: "run", LossConfig: "loss", TrainConfig: ""}
+CONCERNS = [cls for sections in HELP_SECTIONS.values() for cls in sections] + [LossConfig]
 
 
-def _trainer_actions():
-    loss_only = argparse.ArgumentParser()
-    add_loss_args(loss_only)
-    loss_dests = {a.dest for a in loss_only._actions}
-    return [a for a in build_parser()._actions if a.dest not in loss_dests and a.dest != "help"]
+def _folded() -> set[str]:
+    return {n for flags in FOLDED_FLAGS.values() for names, _ in flags for n in names} | set(FOLDED_LOSS_FLAGS)
 
 
-def _other_value(action, value):
-    if action.dest == "train_data_weights":
-        return "1::3"
-    if action.choices:
-        return next(c for c in action.choices if c != value)
-    if action.nargs == 0:  # store_true
-        return not value
-    if isinstance(value, (tuple, list)):
-        return tuple(v + 1 for v in value)
-    if action.nargs in (2, 3):
-        return (7,) * action.nargs
-    if action.type is int or isinstance(value, int):
-        return 3 if value is None else value + 1
-    if action.type is float or isinstance(value, float):
-        return 0.5 if value is None else value / 2 + 0.125
-    return "other" if value != "other" else "another"
+def test_every_flag_comes_from_exactly_one_declaration():
+    """No flag without a config field (or params.py's explicit list of folded flags), no field's flag missing from
+    the parser or from --help, and no flag declared twice."""
+    declared = {}
+    for cls in CONCERNS:
+        for f, o in options(cls):
+            for flag in o.flags:
+                assert flag not in declared, f"{flag} declared by {declared[flag]} and {cls.__name__}.{f.name}"
+                declared[flag] = f"{cls.__name__}.{f.name}"
+    parser = build_parser()
+    seen = set()
+    for action in parser._actions:
+        names = [n for n in action.option_strings if not n.startswith("--no-") or n in declared]
+        if names == ["-h", "--help"]:
+            continue
+        owners = {declared.get(n, "params.py" if n in _folded() else None) for n in names}
+        assert owners != {None} and len(owners) == 1, f"{action.option_strings}: declared by {owners}"
+        seen.update(names)
+    assert set(declared) | _folded() == seen
+    help_text = parser.format_help()
+    assert all(flag in help_text for flag in declared)
 
 
-@pytest.mark.parametrize("action", [a for a in _trainer_actions() if a.dest not in NOT_IN_CONFIG],
-                         ids=lambda a: a.dest)
-def test_every_trainer_flag_reaches_the_typed_config(action):
-    args = parse_args(BASE)
-    base = TrainConfig.from_args(args)
-    setattr(args, action.dest, _other_value(action, getattr(args, action.dest)))
-    args.loss_config = LossConfig.from_args(args)  # as parse_args derives it (--local-loss, the tau Adam's betas)
-    assert TrainConfig.from_args(args) != base, f"--{action.dest} does not reach the typed config"
+def test_every_concern_is_in_the_parser():
+    """A config class of training/config.py that declares options is listed in HELP_SECTIONS (else its flags would
+    never be parsed)."""
+    declaring = {cls for _, cls in inspect.getmembers(C, inspect.isclass)
+                 if dataclasses.is_dataclass(cls) and options(cls) and cls.__module__ == C.__name__}
+    assert declaring <= set(CONCERNS)
 
 
-def test_not_in_config_lists_only_real_flags():
-    dests = {a.dest for a in _trainer_actions()} | {"step_batch_size", "accum_chunks"}
-    assert set(NOT_IN_CONFIG) <= dests
+def _namespace(argv):
+    ns = build_parser().parse_args(BASE + argv)
+    fold_flags(ns)
+    return ns
+
+
+# Values that the generic choice below would make invalid in the base run (the field's check is the reason).
+SPECIAL = {"lr_min": 1e-5, "pairs_per_id": 4, "report_to": "tensorboard", "stop_epochs": 3,
+           "pretrained": __file__, "train_data_weights": "1::3", "val_data": "v"}
+NEEDS = {"ref_model": ["--ref-pretrained", __file__], "distill": ["--ref-model", "X", "--ref-pretrained", __file__],
+         "init_from_ref": ["--ref-model", "X", "--ref-pretrained", __file__], "val_frequency": ["--val-data", "v"]}
+
+
+def _other_flag_value(cls, field, o, base):
+    """A flag value that gives the field another value than ``base`` (the field's value in the base run)."""
+    if o.dest in SPECIAL or o.dest.endswith("pretrained"):
+        return SPECIAL.get(o.dest, __file__)
+    if o.negate:
+        return True
+    if o.argparse.get("choices"):
+        return next(c for c in o.argparse["choices"] if c != base)
+    if isinstance(base, bool):
+        return not base
+    if o.argparse.get("nargs"):
+        return [7] * o.argparse["nargs"]
+    if base is None:  # an optional number or string
+        kinds = typing.get_args(typing.get_type_hints(cls)[field.name])
+        return 3 if int in kinds else 0.5 if float in kinds else "other"
+    if isinstance(base, (int, float)):
+        return base + 1 if isinstance(base, int) else base / 2 + 0.125
+    return "other"
+
+
+@pytest.mark.parametrize("cls,field,o", [pytest.param(cls, f, o, id=f"{PATHS[cls] or 'train'}.{f.name}")
+                                          for cls in CONCERNS for f, o in options(cls)])
+def test_every_flag_reaches_its_field(cls, field, o):
+    # the loss flags over a preset whose every setting may change (fastclip-v2), the trainer's over the defaults
+    argv = ["--loss", "fastclip-v2"] if cls is LossConfig and field.name != "loss" else []
+    argv += NEEDS.get(o.dest, [])
+    path = ".".join(p for p in (PATHS[cls], field.name) if p)
+    base = operator.attrgetter(path)(TrainConfig.from_flags(_namespace(argv)))
+    ns = _namespace(argv)
+    setattr(ns, o.dest, _other_flag_value(cls, field, o, base))
+    new = operator.attrgetter(path)(TrainConfig.from_flags(ns))
+    assert new != base, f"{o.flags[0]} does not reach {path}"
 
 
 def test_folded_flags_land_where_they_mean():
-    cfg = TrainConfig.from_args(parse_args(BASE + ["--batch-size", "8", "--accum-freq", "2"]))
-    assert (cfg.data.loader.batch_size, cfg.optim.accum_chunks) == (16, 2)  # open_clip's meaning: 2 x 8 per step
-    cfg = TrainConfig.from_args(parse_args(BASE + ["--batch-size", "8", "--dga-chunk-size", "3"]))
-    assert (cfg.data.loader.batch_size, cfg.optim.accum_chunks) == (8, 3)
-    cfg = TrainConfig.from_args(parse_args(BASE + ["--force-image-size", "64"]))
+    cfg = parse_args(BASE + ["--batch-size", "8", "--accum-freq", "2"])
+    assert (cfg.data.loader.step_batch_size, cfg.optim.accum_chunks) == (16, 2)  # open_clip's meaning: 2 x 8
+    cfg = parse_args(BASE + ["--batch-size", "8", "--dga-chunk-size", "3"])
+    assert (cfg.data.loader.step_batch_size, cfg.optim.accum_chunks) == (8, 3)
+    cfg = parse_args(BASE + ["--force-image-size", "64"])
     assert cfg.model.image_size == (64, 64)
-    cfg = TrainConfig.from_args(parse_args(BASE + ["--train-data-weights", "1::3", "--no-augment",
-                                                   "--no-shard-shuffle", "--beta1", "0.8", "--beta2", "0.9"]))
+    cfg = parse_args(BASE + ["--precision", "amp_bfloat16", "--fastclip", "--temperature_scheme", "global_constant"])
+    assert (cfg.optim.precision, cfg.loss.loss) == ("amp_bf16", "fastclip-v1")
+    cfg = parse_args(BASE + ["--train-data-weights", "1::3", "--no-augment", "--no-shard-shuffle", "--beta1", "0.8",
+                             "--beta2", "0.9"])
     assert cfg.data.loader.weights == [1.0, 3.0] and not cfg.data.augment and not cfg.data.loader.shard_shuffle
     assert cfg.optim.betas == (0.8, 0.9)
-    assert cfg.flags["train_data_weights"] == "1::3" and isinstance(cfg.flags["loss_config"], dict)
+    # params.json: the flat flags as given (after folding), and the loss config
+    assert cfg.flags["train_data_weights"] == "1::3" and cfg.flags["no_augment"] is True
+    assert isinstance(cfg.flags["loss_config"], dict) and cfg.flags["step_batch_size"] == 64
+
+
+def test_checks_run_where_the_config_is_built_and_name_the_flag():
+    """A library user who builds a config without argparse gets the same checks as the command line."""
+    with pytest.raises(OptionError, match="--pairs-per-id"):
+        LoaderConfig(step_batch_size=8, seed=0, pairs_per_id=3)
+    with pytest.raises(OptionError, match="--debiased-sampling"):
+        LoaderConfig(step_batch_size=8, seed=0, debiased=True, num_samples=10)
+    with pytest.raises(OptionError, match=r"--lr: must be a finite number > 0, got nan"):
+        C.OptimConfig(lr=float("nan"))
+    with pytest.raises(OptionError, match=r"--lr_min: must be in \[0, --lr="):
+        C.OptimConfig(lr=1e-4, lr_min=1e-3)
+    with pytest.raises(OptionError, match="--device: must be one of 'auto', 'cpu', 'cuda', got 'gpu'"):
+        dataclasses.replace(parse_args(BASE), device="gpu")
+    C.IdConfig(arcface_scale=-1.0)  # the head's settings are inert (unchecked) without --id-loss
+    with pytest.raises(OptionError, match="--arcface-scale"):
+        C.IdConfig(kind="arcface", arcface_scale=-1.0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "-1"], "--workers: must be >= 0, got -1"),
+    (["--pairs-per-id", "3"], "--pairs-per-id: must be 0 or a K >= 2"),
+    (["--train-data-weights", "x::y"], "--train-data-weights: expected numbers joined with '::', got 'x::y'"),
+    (["--train-data-weights", "1"], "--train-data-weights: 1 weights for 2 '::'-separated --train-data sets"),
+    (["--val-frequency", "1"], "--val-frequency: needs --val-data"),
+    (["--precision", "amp"], "--precision: amp (fp16 autocast with a loss scaler) is not supported"),
+    (["--accum-freq", "2", "--dga-chunks", "2"], "--dga-chunks: give one of --accum-freq, --dga-chunks"),
+    (["--mixup-beta", "1", "--loss", "fastclip-v3"], "--mixup-beta: works with --loss openclip only"),
+    (["--mixup-beta", "1", "--id-loss", "linear"], "--mixup-beta: mixed samples have no single identity"),
+    (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
+    (["--image-size", "0", "3"], "argument --image-size: must be a positive integer"),
+])
+def test_bad_flags_are_one_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(BASE + argv)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("src/training/main.py: error: ") and message in last and "Traceback" not in err, err
 
 
 def test_replace_changes_one_concern_and_keeps_the_rest():
-    cfg = TrainConfig.from_args(parse_args(BASE))
+    cfg = parse_args(BASE)
     new = cfg.replace(run={"name": "x"}, model={"image_size": (32, 16)})
     assert (new.run.name, new.model.image_size) == ("x", (32, 16))
     assert (new.data, new.optim, new.loss, new.run.logs) == (cfg.data, cfg.optim, cfg.loss, cfg.run.logs)

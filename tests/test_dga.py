@@ -140,12 +140,12 @@ def test_dga_two_processes_equal_one_pass_with_one_allreduce_per_step(tmp_path):
 
 def test_accum_freq_flags():
     from training.params import parse_args
-    a = parse_args(["--train-data", "x", "--batch-size", "10", "--dga-chunk-size", "4"])
-    assert (a.step_batch_size, a.accum_chunks) == (10, 3)
-    a = parse_args(["--train-data", "x", "--batch-size", "8", "--accum-freq", "2"])  # open_clip's meaning
-    assert (a.step_batch_size, a.accum_chunks) == (16, 2)
-    a = parse_args(["--train-data", "x", "--batch-size", "8", "--dga-chunks", "4"])
-    assert (a.step_batch_size, a.accum_chunks) == (8, 4)
+    def step(*argv):
+        cfg = parse_args(["--train-data", "x", *argv])
+        return cfg.data.loader.step_batch_size, cfg.optim.accum_chunks
+    assert step("--batch-size", "10", "--dga-chunk-size", "4") == (10, 3)
+    assert step("--batch-size", "8", "--accum-freq", "2") == (16, 2)  # open_clip's meaning
+    assert step("--batch-size", "8", "--dga-chunks", "4") == (8, 4)
     with pytest.raises(SystemExit):
         parse_args(["--train-data", "x", "--batch-size", "4", "--dga-chunks", "5"])
     with pytest.raises(SystemExit):
@@ -233,7 +233,8 @@ def test_debiased_plan_is_a_seeded_shuffle_by_size():
 
 def _stream(sets, rank, world, workers, batch):
     from common.transforms import build_transform, clean_caption
-    cfg = D.LoaderConfig(batch_size=batch, workers=workers, seed=1, shuffle_buffer=8, debiased=True)
+    from training.config import LoaderConfig
+    cfg = LoaderConfig(step_batch_size=batch, workers=workers, seed=1, shuffle_buffer=8, debiased=True)
     dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption)
     return D.TrainStream(sets, cfg, dec, get_tokenizer("PersonTiny"), rank, world)
 

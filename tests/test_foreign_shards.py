@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from training import data as D
+from training.config import LoaderConfig
 
 COLOURS = [(220, 30, 30), (30, 180, 60), (30, 60, 220), (230, 220, 40), (15, 15, 15), (240, 240, 240)]
 NAMES = ["red", "green", "blue", "yellow", "black", "white"]
@@ -76,7 +77,7 @@ def test_pair_indices_are_positions_in_the_fixed_shard_list(tmp_path):
     sets = D.load_train_sets(f"{a}::{b}")
     assert [s.pair_index_offset for s in sets] == [0, 48]
     dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption)
-    stream = D.TrainStream(sets, D.LoaderConfig(batch_size=8, workers=0, seed=0, shuffle_buffer=4), dec,
+    stream = D.TrainStream(sets, LoaderConfig(step_batch_size=8, workers=0, seed=0, shuffle_buffer=4), dec,
                            get_tokenizer("PersonTiny"), rank=0, world=1)
     seen = {}
     for epoch in range(2):

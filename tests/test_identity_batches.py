@@ -10,7 +10,9 @@ from fast_clip.model import get_tokenizer
 from common.transforms import build_transform, clean_caption
 from shard_fixtures import write_shards
 from test_training import run_main
+from common.options import OptionError
 from training import data as D
+from training.config import LoaderConfig
 from training import plan as P
 
 
@@ -41,7 +43,7 @@ def test_identity_groups_cover_every_item_once_in_groups_of_k(sorted_order, max_
 
 
 def _make_stream(sets, rank, world, workers, batch, k, seed=3):
-    cfg = D.LoaderConfig(batch_size=batch, workers=workers, seed=seed, shuffle_buffer=32, pairs_per_id=k)
+    cfg = LoaderConfig(step_batch_size=batch, workers=workers, seed=seed, shuffle_buffer=32, pairs_per_id=k)
     dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption)
     return D.TrainStream(sets, cfg, dec, get_tokenizer("PersonTiny"), rank, world)
 
@@ -89,7 +91,7 @@ def test_balanced_plan_resumes_mid_epoch_with_the_same_batches(tmp_path):
     full = keys(0)
     assert len(full) == 12
     assert keys(5) == full[5:]
-    plain = D.TrainStream(sets, D.LoaderConfig(batch_size=8, workers=2, seed=3, shuffle_buffer=32),
+    plain = D.TrainStream(sets, LoaderConfig(step_batch_size=8, workers=2, seed=3, shuffle_buffer=32),
                           _make_stream(sets, 0, 1, 2, 8, 4).decoder, get_tokenizer("PersonTiny"), 0, 1)
     assert plain.plan_signature() != _make_stream(sets, 0, 1, 2, 8, 4).plan_signature()  # no resume across modes
     assert plain.same_plan({k: v for k, v in plain.plan_signature().items() if k != "pairs_per_id"})
@@ -99,7 +101,7 @@ def test_pairs_per_id_must_divide_the_batch(tmp_path):
     info = write_shards(str(tmp_path), num_ids=8, shard_size=16)
     sets = D.load_train_sets(info["dir"])
     for k in (3, 1, 8):
-        with pytest.raises(D.DataError, match="--pairs-per-id"):
+        with pytest.raises(OptionError, match="--pairs-per-id"):
             _make_stream(sets, 0, 1, 0, 8, k)
 
 

@@ -271,11 +271,11 @@ def test_official_rules_multi_step(variant, K):
 def test_official_tau_adam_uses_the_model_optimizer_betas_and_eps():
     from training.params import parse_args
     a = parse_args(["--train-data", "x", "--loss", "fastclip-v2", "--beta2", "0.95", "--eps", "1e-7"])
-    assert (a.loss_config.tau_beta1, a.loss_config.tau_beta2, a.loss_config.tau_adam_eps) == (0.9, 0.95, 1e-7)
+    assert (a.loss.tau_beta1, a.loss.tau_beta2, a.loss.tau_adam_eps) == (0.9, 0.95, 1e-7)
     a = parse_args(["--train-data", "x", "--loss", "fastclip-v2", "--fastclip_rules", "exact"])
-    assert (a.loss_config.tau_beta2, a.loss_config.tau_adam_eps) == (0.999, 1e-8)
+    assert (a.loss.tau_beta2, a.loss.tau_adam_eps) == (0.999, 1e-8)
     a = parse_args(["--train-data", "x", "--loss", "fastclip-v2", "--tau_beta2", "0.9"])
-    assert a.loss_config.tau_beta2 == 0.9  # explicit wins
+    assert a.loss.tau_beta2 == 0.9  # explicit wins
 
 
 # ------------------------------------------------------------------------------------- schedules per step

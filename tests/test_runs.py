@@ -223,7 +223,7 @@ def test_open_clip_flags_lock_towers_and_map_or_refuse(shards, tmp_path):
         assert all(torch.equal(sd[k], init[k]) for k in sd if k.startswith(frozen))
         assert any(not torch.equal(sd[k], init[k]) for k in sd if k.startswith(trained))
     a = parse_args(["--train-data", "x", "--force-image-size", "96", "--precision", "amp_bfloat16"])
-    assert a.image_size == (96, 96) and a.precision == "amp_bf16"
+    assert a.model.image_size == (96, 96) and a.optim.precision == "amp_bf16"
     for argv, msg in ((["--precision", "amp"], "use amp_bf16"), (["--dataset-resampled"], "--train-data-weights")):
         with pytest.raises(SystemExit):
             parse_args(["--train-data", "x", *argv])

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from common import shards
+from training.config import LoaderConfig
 from training.plan import (batches_done_by_worker, batches_per_rank, debiased_plan, debiased_worker_share,
                            identity_groups, shard_order, shuffle_buffer, worker_batches, worker_range)
 from common.seeding import Stream, rng_seed
@@ -201,20 +202,6 @@ def raw_pid(raw: dict, sset: ShardSet) -> int:
 
 
 @dataclass
-class LoaderConfig:
-    batch_size: int
-    workers: int
-    seed: int
-    shuffle_buffer: int = 2000
-    shard_shuffle: bool = True
-    weights: list[float] | None = None
-    num_samples: int | None = None   # per epoch, all ranks together
-    max_bad_frac: float = 0.2
-    debiased: bool = False           # every batch from one source (same source on all ranks)
-    pairs_per_id: int = 0            # K > 0: batches of P persons x K pairs (identity_groups)
-
-
-@dataclass
 class SampleDecoder:
     """Raw sample -> (image, caption, pair index, pid); raises _BadSample with a reason and what exactly is wrong.
 
@@ -286,24 +273,18 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise DataError(f"--train-num-samples {self.num_samples} exceeds the {self.total_pairs} pairs of "
                             f"--train-data; give --train-data-weights to sample with replacement")
         self.plan = None
-        k = cfg.pairs_per_id
-        if k and (k < 2 or cfg.batch_size % k or cfg.batch_size // k < 2):
-            raise DataError(f"--pairs-per-id {k} needs K >= 2 dividing the per-rank batch {cfg.batch_size} into at "
-                            f"least 2 persons")
+        b = cfg.step_batch_size
         if cfg.debiased:
-            if cfg.weights is not None or cfg.num_samples is not None:
-                raise DataError("debiased sampling reads every set once per epoch by size; it does not combine "
-                                "with --train-data-weights or --train-num-samples")
-            per_source = [batches_per_rank(s.num_pairs, world, cfg.batch_size) for s in sets]
+            per_source = [batches_per_rank(s.num_pairs, world, b) for s in sets]
             for s, n_s in zip(sets, per_source):
                 if n_s < 1:
                     raise DataError(f"set {s.spec!r} has {s.num_pairs} pairs, less than one global batch of "
-                                    f"{world * cfg.batch_size}: debiased sampling needs a full batch from each set")
+                                    f"{world * b}: debiased sampling needs a full batch from each set")
             self.per_source = per_source
-            self.num_samples = sum(per_source) * world * cfg.batch_size
-        self.n = batches_per_rank(self.num_samples, world, cfg.batch_size)
+            self.num_samples = sum(per_source) * world * b
+        self.n = batches_per_rank(self.num_samples, world, b)
         if self.n < 1:
-            raise DataError(f"{self.num_samples} samples per epoch make no full batch of {cfg.batch_size} per rank "
+            raise DataError(f"{self.num_samples} samples per epoch make no full batch of {b} per rank "
                             f"on {world} rank(s); lower --batch-size")
         self.set_epoch(0)
 
@@ -313,9 +294,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def plan_signature(self) -> dict:
         """What the sample order depends on besides the position: a resume with another plan cannot continue an
-        epoch where it stopped."""
+        epoch where it stopped. (Its key "batch_size" is the step batch: the name saved checkpoints carry.)"""
         return {"seed": self.cfg.seed, "world_size": self.world, "workers": self.cfg.workers,
-                "batch_size": self.cfg.batch_size, "train_data": "::".join(s.spec for s in self.sets),
+                "batch_size": self.cfg.step_batch_size, "train_data": "::".join(s.spec for s in self.sets),
                 "debiased_sampling": self.cfg.debiased, "pairs_per_id": self.cfg.pairs_per_id}
 
     def same_plan(self, saved: dict) -> bool:
@@ -346,7 +327,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     # -- raw streams ---------------------------------------------------------------------------------------------
     def _concat_stream(self, w: int, counter: "Tally"):
-        start, length = worker_range(self.n, self.cfg.batch_size, self.rank, self.num_workers, w)
+        start, length = worker_range(self.n, self.cfg.step_batch_size, self.rank, self.num_workers, w)
         # Every pass reads the same shard order, so a refill pass re-reads this worker's own range and never a pair
         # of another worker's (only the shuffle buffer's seed changes with the pass).
         order = shard_order(self.sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle)
@@ -383,7 +364,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _debiased_stream(self, w: int, source: int, counter: "Tally"):
         sset = self.sets[source]
         before, mine = debiased_worker_share(self.plan, self.num_workers, w, source)
-        b = self.cfg.batch_size
+        b = self.cfg.step_batch_size
         start = (self.rank * self.per_source[source] + before) * b
         order = shard_order([sset], self.cfg.seed, self.epoch, self.cfg.shard_shuffle, sset.index)
         yield from read_range(order, start, start + mine * b, counter)
@@ -426,7 +407,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             raw = self._raw(w, counter)
         else:  # debiased: one lazily opened stream per source; batch j of the rank reads source plan[j]
             streams = {}
-        b = self.cfg.batch_size
+        b = self.cfg.step_batch_size
         seen = bad = 0
         for j in range(n_batches):
             if self.plan is not None:

@@ -17,17 +17,15 @@ import torch
 
 from training import distributed as dist_utils
 from training import runlock, stop
-from training.config import TrainConfig
 from training.params import parse_args
 from training.run_dir import RunFolder, tell_launcher
 from common.seeding import Stream, rng_seed
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.check_args:
-        return _check_model(args.model)
-    cfg = TrainConfig.from_args(args)
+    cfg = parse_args(argv)
+    if cfg.check_args:
+        return _check_model(cfg.model.name)
     denv = dist_utils.init_distributed(cfg.device)
     torch.manual_seed(rng_seed(Stream.MODEL_INIT, cfg.seed))  # a model built from scratch draws from here
     stop.install()

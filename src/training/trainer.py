@@ -241,7 +241,7 @@ class Trainer:
         if self._augment_on_device:
             from training.device_augment import DeviceAugment
             device_augment = DeviceAugment(cfg.model.image_size, train=cfg.data.augment)
-        batch = cfg.data.loader.batch_size
+        batch = cfg.data.loader.step_batch_size
         where = f"batched on {self.denv.device}" if device_augment else "per sample in the loader"
         self.logger.info(f"augmentation: {where}{'' if cfg.data.augment else ' (flip, pad-crop, erasing off)'}")
         self.logger.info(f"{n} batches of {batch} per rank per epoch (global batch {batch * self.denv.world_size}"

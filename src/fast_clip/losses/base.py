@@ -14,7 +14,6 @@ from fast_clip.schedules import warmup_cosine
 
 class ContrastiveLoss(nn.Module):
     learns_model_temperature: bool = False
-    supports_mixup: bool = False  # soft (mixed) targets; only the InfoNCE loss has them
     # Where the official FastCLIP code and the exact gradients differ (rules.py): the GCL family picks its rule set from
     # --fastclip_rules; the InfoNCE family has one form, whose temperature lr follows the exact rules.
     rules: Rules = RULES["exact"]

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from common.options import OptionError, add_options, check_options, namespace_values, opt, rule
+
 TEMPERATURE_SCHEMES = ("global_constant", "global_learnable", "individual_learnable")
 GAMMA_SCHEDULES = ("constant", "cosine")
 LR_TAU_SCHEDULERS = ("const", "cosine", "step_thresh")
@@ -74,6 +76,10 @@ def _fmt_choices(choices) -> str:
     return ", ".join(repr(c) for c in choices)
 
 
+def _bad(flag: str, accepted: str, value) -> OptionError:
+    return OptionError(flag, f"must be {accepted}, got {value!r}", sep=" ")
+
+
 def _infer_fastclip_variant(scheme: Optional[str], multiply_tau: Optional[bool]) -> str:
     """Map FastCLIP's own flags (--fastclip --temperature_scheme ... [--multiply_tau]) to a variant name."""
     scheme = scheme or "global_learnable"  # FastCLIP's default scheme
@@ -83,36 +89,79 @@ def _infer_fastclip_variant(scheme: Optional[str], multiply_tau: Optional[bool])
         return "fastclip-v2"
     if scheme == "global_learnable":
         return "fastclip-v3" if multiply_tau else "fastclip-v0"
-    raise ValueError(f"--temperature_scheme must be one of {_fmt_choices(TEMPERATURE_SCHEMES)}, got {scheme!r}")
+    raise _bad("--temperature_scheme", "one of " + _fmt_choices(TEMPERATURE_SCHEMES), scheme)
+
+
+_non_negative = rule(lambda v: v >= 0, "must be a non-negative number")
 
 
 @dataclass
 class LossConfig:
-    loss: str = "openclip"
-    temperature_scheme: str = "global_learnable"
-    temperature: float = 0.07
-    gamma: float = 1.0
-    gamma_schedule: str = "constant"
-    gamma_decay_epochs: int = DEFAULT_GAMMA_DECAY_EPOCHS
-    lr_tau: Optional[float] = None
-    lr_tau_scheduler: str = "const"
-    rho: float = 0.0
-    multiply_tau: bool = False
-    fastclip_eps: float = 1e-14
-    data_size: Optional[int] = None
-    tau_beta1: float = 0.9
-    tau_beta2: float = 0.999
-    tau_adam_eps: float = 1e-8
-    state_device: str = "auto"
-    fastclip_rules: str = "official"
-    id_positives: bool = False
+    """A loss variant's settings. Each field that is a flag declares it (common/options.py); on the command line the
+    loss flags default to None, "not given": the variant's preset (VARIANT_PRESETS) fills what was not given.
+    Errors read "--flag must be ..." (ValueError)."""
+    loss: str = opt("--loss", default="openclip", choices=tuple(sorted(VARIANT_PRESETS)),
+                    help="Loss variant (default: openclip, or inferred from --fastclip/--temperature_scheme/"
+                         "--multiply_tau).")
+    temperature_scheme: str = opt("--temperature_scheme", "--temperature-scheme", default="global_learnable",
+                                  choices=TEMPERATURE_SCHEMES)
+    temperature: float = opt("--temperature", default=0.07, help="(Initial) temperature tau0.",
+                             check=rule(lambda v: v > 0 and math.isfinite(v), "must be a positive number"))
+    gamma: float = opt("--gamma", default=1.0, help="Inner lr of the u estimators (cosine: final value).",
+                       check=rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    gamma_schedule: str = opt("--gamma_schedule", "--gamma-schedule", default="constant", choices=GAMMA_SCHEDULES)
+    gamma_decay_epochs: int = opt("--gamma_decay_epochs", "--gamma-decay-epochs", default=DEFAULT_GAMMA_DECAY_EPOCHS,
+                                  help="Cosine decay length (default: half of --epochs).",
+                                  check=rule(lambda v: v >= 1, "must be a positive integer"))
+    lr_tau: Optional[float] = opt("--lr_tau", "--lr-tau", default=None, check=_non_negative,
+                                  help="Temperature learning rate (None: the main lr).")
+    lr_tau_scheduler: str = opt("--lr_tau_scheduler", "--lr-tau-scheduler", default="const",
+                                choices=LR_TAU_SCHEDULERS)
+    rho: float = opt("--rho", default=0.0, check=_non_negative, help="rho of the robust losses (RGCL / RGCL-g).")
+    multiply_tau: bool = opt("--multiply_tau", "--multiply-tau", default=False,
+                             action=argparse.BooleanOptionalAction,
+                             help="Global learnable tau: optimise tau*GCL + rho*tau (RGCL-g, FastCLIP-v3).")
+    fastclip_eps: float = opt("--fastclip_eps", "--fastclip-eps", default=1e-14, check=_non_negative,
+                              help="epsilon in 1/(u+eps).")
+    data_size: Optional[int] = opt("--data_size", "--data-size", default=None,
+                                   check=rule(lambda v: v > 0, "must be a positive integer"),
+                                   help="Number of training pairs (size of the estimator tables).")
+    tau_beta1: float = opt("--tau_beta1", "--tau-beta1", default=0.9,
+                           check=rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                           help="Adam beta1 of the individual temperatures.")
+    tau_beta2: float = opt("--tau_beta2", "--tau-beta2", default=0.999,
+                           check=rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                           help="Adam beta2 of the individual temperatures (official rules: --beta2 of the model "
+                                "optimizer).")
+    tau_adam_eps: float = opt("--tau_adam_eps", "--tau-adam-eps", default=1e-8,
+                              check=rule(lambda v: v > 0, "must be a positive number"),
+                              help="Adam eps of the individual temperatures (official rules: --eps of the model "
+                                   "optimizer).")
+    state_device: str = opt(
+        "--loss_state_device", "--loss-state-device", dest="state_device", default="auto", choices=STATE_DEVICES,
+        help="Where the per-pair estimator / temperature tables live: on the accelerator, in pinned host memory, or "
+             "auto (accelerator while they take at most 1/8 of its memory).")
+    fastclip_rules: str = opt(
+        "--fastclip_rules", "--fastclip-rules", default="official", choices=FASTCLIP_RULES,
+        help="Temperature and estimator update rules of the FastCLIP family: 'official' (default; those of the "
+             "official FastCLIP code, for which its published hyper-parameters were tuned) or 'exact' (the exact "
+             "gradients of the objectives as written in the papers). docs/LOSSES.md lists the differences.")
+    id_positives: bool = opt(
+        "--id-positives", "--id_positives", default=False, action=argparse.BooleanOptionalAction,
+        help="Identity-aware positives: pairs of the same person id in the global batch are positives, not negatives "
+             "(InfoNCE: targets spread over them; sdm: its label distribution; the GCL family: left out of the "
+             "negative sums). Pairs without an id (foreign shards) keep their own pair as the only positive. "
+             "docs/LOSSES.md, section 12.")
+
+    def __post_init__(self):
+        self.validate()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_name(cls, loss: str, epochs: Optional[int] = None, **overrides) -> "LossConfig":
         """Preset of ``loss`` with ``overrides`` (None values are ignored) applied, validated."""
         if loss not in VARIANT_PRESETS:
-            raise ValueError(f"--loss must be one of {_fmt_choices(sorted(VARIANT_PRESETS))}, got {loss!r}")
+            raise _bad("--loss", "one of " + _fmt_choices(sorted(VARIANT_PRESETS)), loss)
         values = dict(VARIANT_PRESETS[loss])
         values.update({k: v for k, v in overrides.items() if v is not None})
         # The per-pair temperatures' Adam: official takes beta2/eps from the model optimizer (from_args passes them;
@@ -128,9 +177,7 @@ class LossConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown loss option(s): {sorted(unknown)}")
-        cfg = cls(loss=loss, **{k: v for k, v in values.items() if k != "loss"})
-        cfg.validate()
-        return cfg
+        return cls(loss=loss, **{k: v for k, v in values.items() if k != "loss"})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LossConfig":
@@ -142,7 +189,7 @@ class LossConfig:
                                                getattr(args, "multiply_tau", None))
             else:
                 loss = "openclip"
-        overrides = {f.name: getattr(args, f.name, None) for f in fields(cls) if f.name != "loss"}
+        overrides = {k: v for k, v in namespace_values(cls, args).items() if k != "loss"}
         if (overrides.get("fastclip_rules") or VARIANT_PRESETS.get(loss, {}).get("fastclip_rules")) == "official":
             # official: the per-pair temperatures' Adam uses the model optimizer's betas and eps
             for name, opt_name in (("tau_beta1", "beta1"), ("tau_beta2", "beta2"), ("tau_adam_eps", "eps")):
@@ -155,99 +202,45 @@ class LossConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def bad(flag, accepted, value):
-            raise ValueError(f"--{flag} must be {accepted}, got {value!r}")
-
-        if self.loss not in VARIANT_PRESETS:
-            bad("loss", "one of " + _fmt_choices(sorted(VARIANT_PRESETS)), self.loss)
-        if self.temperature_scheme not in TEMPERATURE_SCHEMES:
-            bad("temperature_scheme", "one of " + _fmt_choices(TEMPERATURE_SCHEMES), self.temperature_scheme)
-        if self.gamma_schedule not in GAMMA_SCHEDULES:
-            bad("gamma_schedule", "one of " + _fmt_choices(GAMMA_SCHEDULES), self.gamma_schedule)
-        if self.state_device not in STATE_DEVICES:
-            bad("loss_state_device", "one of " + _fmt_choices(STATE_DEVICES), self.state_device)
-        if self.lr_tau_scheduler not in LR_TAU_SCHEDULERS:
-            bad("lr_tau_scheduler", "one of " + _fmt_choices(LR_TAU_SCHEDULERS), self.lr_tau_scheduler)
-        if self.fastclip_rules not in FASTCLIP_RULES:
-            bad("fastclip_rules", "one of " + _fmt_choices(FASTCLIP_RULES), self.fastclip_rules)
+        """Each flag's choices and check, then the rules across them (OptionError, a ValueError)."""
+        check_options(self, sep=" ")
         if self.loss in INFONCE_FAMILY:
             if self.temperature_scheme == "individual_learnable":
-                bad("temperature_scheme", f"'global_constant' or 'global_learnable' with --loss {self.loss}",
-                    self.temperature_scheme)
+                raise _bad("--temperature_scheme", f"'global_constant' or 'global_learnable' with --loss {self.loss}",
+                           self.temperature_scheme)
             if self.multiply_tau:
-                bad("multiply_tau", f"off with --loss {self.loss}", self.multiply_tau)
-        if not (0.0 < float(self.gamma) <= 1.0):
-            bad("gamma", "in (0, 1]", self.gamma)
-        if int(self.gamma_decay_epochs) < 1:
-            bad("gamma_decay_epochs", "a positive integer", self.gamma_decay_epochs)
-        if not (float(self.temperature) > 0.0 and math.isfinite(self.temperature)):
-            bad("temperature", "a positive number", self.temperature)
-        if self.temperature_scheme == "individual_learnable" and not (TAU_MIN <= self.temperature <= TAU_MAX):
-            bad("temperature", f"in [{TAU_MIN}, {TAU_MAX}] for individual_learnable", self.temperature)
-        if self.lr_tau is not None and not (float(self.lr_tau) >= 0.0):
-            bad("lr_tau", "a non-negative number", self.lr_tau)
-        if self.temperature_scheme == "individual_learnable" and self.lr_tau is None:
-            bad("lr_tau", "set (a non-negative number) for individual_learnable", self.lr_tau)
-        if not (float(self.rho) >= 0.0):
-            bad("rho", "a non-negative number", self.rho)
-        if not (float(self.fastclip_eps) >= 0.0):
-            bad("fastclip_eps", "a non-negative number", self.fastclip_eps)
-        if not (float(self.tau_adam_eps) > 0.0):
-            bad("tau_adam_eps", "a positive number", self.tau_adam_eps)
-        if self.data_size is not None and int(self.data_size) <= 0:
-            bad("data_size", "a positive integer", self.data_size)
-        for name in ("tau_beta1", "tau_beta2"):
-            if not (0.0 <= float(getattr(self, name)) < 1.0):
-                bad(name, "in [0, 1)", getattr(self, name))
+                raise _bad("--multiply_tau", f"off with --loss {self.loss}", self.multiply_tau)
+        if self.temperature_scheme == "individual_learnable":
+            if not TAU_MIN <= self.temperature <= TAU_MAX:
+                raise _bad("--temperature", f"in [{TAU_MIN}, {TAU_MAX}] for individual_learnable", self.temperature)
+            if self.lr_tau is None:
+                raise _bad("--lr_tau", "set (a non-negative number) for individual_learnable", self.lr_tau)
+
+    def mixup_refusal(self) -> Optional[str]:
+        """Why coin-flip mixup (--mixup-beta) cannot train this loss; None when it can."""
+        if self.loss not in INFONCE_FAMILY:
+            return (f"works with --loss openclip only (got {self.loss}: the FastCLIP losses keep one estimator per "
+                    f"training pair, and a mixed sample is not one pair)")
+        if self.id_positives or self.loss == "sdm":
+            return "does not combine with --id-positives or --loss sdm: a mixed sample shows two people"
+        return None
+
+
+# Selects the variant when --loss is not given; sets no field alone (from_args folds it into --loss).
+FOLDED_LOSS_FLAGS = {
+    "--fastclip": dict(action="store_true", default=False,
+                       help="FastCLIP-style selection when --loss is not given: global_constant->v1, "
+                            "individual_learnable->v2, global_learnable->v0 (v3 with --multiply_tau)."),
+}
 
 
 def add_loss_args(parser: argparse.ArgumentParser) -> None:
-    """Add the loss flags (snake_case as in FastCLIP, dashed aliases too). Defaults are None: the variant's preset
-    fills whatever was not given (see VARIANT_PRESETS / docs/LOSSES.md)."""
-    g = parser.add_argument_group("loss")
-
-    def add(name, **kw):
-        names = [f"--{name}"]
-        if "_" in name:
-            names.append("--" + name.replace("_", "-"))
-        g.add_argument(*names, dest=name, **kw)
-
-    add("loss", type=str, default=None, choices=sorted(VARIANT_PRESETS),
-        help="Loss variant (default: openclip, or inferred from --fastclip/--temperature_scheme/--multiply_tau).")
-    add("fastclip", action="store_true", default=False,
-        help="FastCLIP-style selection when --loss is not given: global_constant->v1, individual_learnable->v2, "
-             "global_learnable->v0 (v3 with --multiply_tau).")
-    add("gamma", type=float, default=None, help="Inner lr of the u estimators (cosine: final value).")
-    add("gamma_schedule", type=str, default=None, choices=GAMMA_SCHEDULES)
-    add("gamma_decay_epochs", type=int, default=None, help="Cosine decay length (default: half of --epochs).")
-    add("temperature_scheme", type=str, default=None, choices=TEMPERATURE_SCHEMES)
-    add("temperature", type=float, default=None, help="(Initial) temperature tau0.")
-    add("lr_tau", type=float, default=None, help="Temperature learning rate (None: the main lr).")
-    add("lr_tau_scheduler", type=str, default=None, choices=LR_TAU_SCHEDULERS)
-    add("rho", type=float, default=None, help="rho of the robust losses (RGCL / RGCL-g).")
-    add("multiply_tau", action=argparse.BooleanOptionalAction, default=None,
-        help="Global learnable tau: optimise tau*GCL + rho*tau (RGCL-g, FastCLIP-v3).")
-    add("fastclip_eps", type=float, default=None, help="epsilon in 1/(u+eps).")
-    add("data_size", type=int, default=None, help="Number of training pairs (size of the estimator tables).")
-    add("tau_beta1", type=float, default=None, help="Adam beta1 of the individual temperatures.")
-    add("tau_beta2", type=float, default=None,
-        help="Adam beta2 of the individual temperatures (official rules: --beta2 of the model optimizer).")
-    add("tau_adam_eps", type=float, default=None,
-        help="Adam eps of the individual temperatures (official rules: --eps of the model optimizer).")
-    add("fastclip_rules", type=str, default=None, choices=FASTCLIP_RULES,
-        help="Temperature and estimator update rules of the FastCLIP family: 'official' (default; those of the "
-             "official FastCLIP code, for which its published hyper-parameters were tuned) or 'exact' (the exact "
-             "gradients of the objectives as written in the papers). docs/LOSSES.md lists the differences.")
-    g.add_argument("--id-positives", "--id_positives", dest="id_positives", action=argparse.BooleanOptionalAction,
-                   default=None,
-                   help="Identity-aware positives: pairs of the same person id in the global batch are positives, not "
-                        "negatives (InfoNCE: targets spread over them; sdm: its label distribution; the GCL family: "
-                        "left out of the negative sums). Pairs without an id (foreign shards) keep their own pair "
-                        "as the only positive. docs/LOSSES.md, section 12.")
-    g.add_argument("--loss_state_device", "--loss-state-device", dest="state_device", default=None,
-                   choices=STATE_DEVICES,
-                   help="Where the per-pair estimator / temperature tables live: on the accelerator, in pinned host "
-                        "memory, or auto (accelerator while they take at most 1/8 of its memory).")
+    """The loss flags, in a 'loss' section (snake_case as in FastCLIP, dashed aliases too). They default to None:
+    the variant's preset fills whatever was not given (see VARIANT_PRESETS / docs/LOSSES.md)."""
+    group = parser.add_argument_group("loss")
+    add_options({"loss": group}, LossConfig, "loss", defaults_none=True)
+    for flag, kw in FOLDED_LOSS_FLAGS.items():
+        group.add_argument(flag, **kw)
 
 
 def state_placement(table_bytes: int, device, choice: str = "auto",
@@ -258,7 +251,7 @@ def state_placement(table_bytes: int, device, choice: str = "auto",
     for CUDA when None; other accelerators keep the tables on the device under auto)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if choice not in STATE_DEVICES:
-        raise ValueError(f"--loss_state_device must be one of {_fmt_choices(STATE_DEVICES)}, got {choice!r}")
+        raise _bad("--loss_state_device", "one of " + _fmt_choices(STATE_DEVICES), choice)
     if device.type == "cpu" or choice == "accelerator":
         return device, False
     host = torch.device("cpu")
@@ -280,4 +273,4 @@ def gamma_at_epoch(epoch: int, gamma: float, schedule: str, decay_epochs: int) -
     if schedule == "cosine":
         e = min(epoch, decay_epochs)
         return float(gamma + (1.0 - gamma) * 0.5 * (1.0 + math.cos(math.pi * e / decay_epochs)))
-    raise ValueError(f"--gamma_schedule must be one of {_fmt_choices(GAMMA_SCHEDULES)}, got {schedule!r}")
+    raise _bad("--gamma_schedule", "one of " + _fmt_choices(GAMMA_SCHEDULES), schedule)

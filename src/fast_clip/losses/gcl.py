@@ -168,8 +168,7 @@ class GCLLoss(ContrastiveLoss):
     # -------------------------------------------------------------- forward
     def forward(self, image_features, text_features, logit_scale=None, keys=None, mix_alpha=None, pids=None):
         if mix_alpha is not None:
-            raise ValueError(f"--mixup-beta works with --loss openclip only: {self.cfg.loss} keeps one estimator per "
-                             f"training pair, and a mixed sample is not one pair")
+            raise ValueError(f"--mixup-beta {self.cfg.mixup_refusal()}")
         if keys is None:
             raise ValueError(f"loss {self.cfg.loss!r} needs the dataset keys of the batch (keys=...)")
         with _no_autocast(image_features.device):

@@ -25,17 +25,14 @@ class OpenClipLoss(ContrastiveLoss):
         super().__init__(cfg)
         self.learns_model_temperature = cfg.temperature_scheme == "global_learnable"
 
-    supports_mixup = True
-
     def forward(self, image_features, text_features, logit_scale, keys=None, mix_alpha=None, pids=None):
         with _no_autocast(image_features.device):
             return self._forward(image_features, text_features, logit_scale, mix_alpha, pids)
 
     def _forward(self, image_features, text_features, logit_scale, mix_alpha=None, pids=None):
+        if mix_alpha is not None and self.cfg.mixup_refusal():
+            raise ValueError(f"--mixup-beta {self.cfg.mixup_refusal()}")
         several = self.cfg.id_positives or self.cfg.loss == "sdm"  # the targets are a distribution per anchor
-        if several and mix_alpha is not None:
-            raise ValueError("--mixup-beta does not combine with --id-positives or --loss sdm: a mixed sample shows "
-                             "two people")
         dt = _compute_dtype(image_features, text_features)
         e1 = image_features.to(dt)
         e2 = text_features.to(dt)
