@@ -213,7 +213,7 @@ def test_state_components_round_trip_and_another_data_plan_restarts_the_epoch(ti
     from training.state import ProcessRng, Tallies, TrainState
 
     def stream(workers, warnings):
-        cfg = D.LoaderConfig(batch_size=8, workers=workers, seed=0, shuffle_buffer=8)
+        cfg = D.LoaderConfig(step_batch_size=8, workers=workers, seed=0, shuffle_buffer=8)
         dec = D.SampleDecoder(transform=build_transform((64, 32), train=False), clean=clean_caption)
         sets = D.load_train_sets(tiny_shards["dir"])
         return D.TrainStream(sets, cfg, dec, get_tokenizer("PersonTiny"), 0, 1, warn=warnings.append)
