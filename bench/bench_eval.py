@@ -59,7 +59,7 @@ def naive_metrics(sim, qids, gids, max_rank=50):
 def child(args) -> None:
     import numpy as np
     import torch
-    from evaluation.metrics import retrieval_metrics, retrieval_metrics_from_features
+    from fast_clip.retrieval.metrics import retrieval_metrics, retrieval_metrics_from_features
 
     n_q = n_g = None
     n_q, n_g = args.queries, args.gallery

@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT / "src")]
 
 from common import runs  # noqa: E402
 from evaluation.evaluate import load_model  # noqa: E402
-from evaluation.extract import extract_features, load_test_set  # noqa: E402
+from fast_clip.retrieval.testset import extract_features, load_test_set  # noqa: E402
 from fast_clip.id_head import ArcFaceHead, LinearIdHead, arcface_loss  # noqa: E402
 from fast_clip.losses import LossConfig, build_loss  # noqa: E402
 from fast_clip.model import create_model, get_tokenizer  # noqa: E402

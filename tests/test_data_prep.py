@@ -581,7 +581,7 @@ def test_a_failing_rerun_leaves_the_previous_output_byte_identical(cuhk, tmp_pat
 
 
 def test_splits_of_an_earlier_run_are_reported_and_refused(cuhk, tmp_path, capsys):
-    from evaluation.extract import EvalError, resolve_shards
+    from fast_clip.retrieval.testset import EvalError, resolve_shards
 
     ann, imgs, recs = cuhk
     out = tmp_path / "o"

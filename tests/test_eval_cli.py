@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.evaluate import dataset_name, default_datasets, evaluate_model, main
-from evaluation.extract import EvalError, load_test_set, resolve_shards
+from evaluation.evaluate import dataset_name, default_datasets, main
+from fast_clip.retrieval.protocol import evaluate_model
+from fast_clip.retrieval.testset import EvalError, load_test_set, resolve_shards
 from common.shards import make_sample, pack
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.metrics import (match_ranks, recall_at_1_from_features, retrieval_metrics,
+from fast_clip.retrieval.metrics import (match_ranks, recall_at_1_from_features, retrieval_metrics,
                                 retrieval_metrics_from_features, topk_indices)
 
 # Gallery: 5 images. Person ids: image 0 -> 1, image 1 -> 2, image 2 -> 1, image 3 -> 3, image 4 -> 2
@@ -144,8 +144,8 @@ def test_cuda_path_equals_cpu():
 
 def test_nan_features_are_an_error_not_numbers():
     import torch
-    from evaluation.evaluate import EvalError, evaluate_features
-    from evaluation.extract import TestSet
+    from fast_clip.retrieval.protocol import EvalError, evaluate_features
+    from fast_clip.retrieval.testset import TestSet
 
     ts = TestSet(name="t", shards=[], captions=["a", "b"], query_pids=np.array([0, 1]),
                  query_gallery_index=np.array([0, 1]), gallery_pids=np.array([0, 1]), gallery_images=[b"", b""])

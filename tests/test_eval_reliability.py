@@ -14,7 +14,7 @@ from common import shards
 from common.shards import make_sample, pack
 from evaluation import export_onnx
 from evaluation.evaluate import main
-from evaluation.extract import EvalError, load_test_set
+from fast_clip.retrieval.testset import EvalError, load_test_set
 from test_eval_cli import one_report, write_split
 
 
@@ -134,7 +134,7 @@ def test_load_test_set_refuses_or_reports_every_kind_of_incomplete_split(split4)
 
 
 def test_resolve_shards_refuses_a_split_with_missing_shards_so_a_trainer_stops_at_start(split4):
-    from evaluation.extract import resolve_shards
+    from fast_clip.retrieval.testset import resolve_shards
 
     test = split4[0] / "test"
     (test / "test-000000.tar").unlink()

@@ -62,7 +62,7 @@ def test_http_file_and_pipe_specs_train_exactly_like_local_disk(served, tmp_path
 
 def test_evaluator_reads_http_file_and_pipe_specs(served):
     from evaluation.evaluate import default_datasets
-    from evaluation.extract import load_test_set
+    from fast_clip.retrieval.testset import load_test_set
 
     local = served["root"] / "tiny" / "test"
     ref = load_test_set(str(local))

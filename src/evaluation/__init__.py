@@ -1,7 +1,9 @@
-"""Text-to-image person retrieval evaluation (protocol: docs/EVAL.md).
+"""Text-to-image person retrieval evaluation: the command lines around the protocol (docs/EVAL.md).
 
-- :mod:`evaluation.metrics`: pure metric functions of similarities and ids.
-- :mod:`evaluation.extract`: test-set loading from shards, feature extraction.
-- :mod:`evaluation.evaluate`: ``evaluate_model`` for the trainer and the ``scripts/eval.sh`` command line.
+- :mod:`evaluation.evaluate`: the ``scripts/eval.sh`` command line: which weights, which data, the reports.
 - :mod:`evaluation.plots`: CMC curve and retrieval-example figures.
+- :mod:`evaluation.export_onnx`: ONNX export, checked against PyTorch.
+
+The protocol itself (test sets, metrics, a model scored on test sets) is :mod:`fast_clip.retrieval`, below both this
+package and the trainer's periodic validation.
 """

@@ -28,7 +28,8 @@ import torch
 
 from common import runs
 from evaluation.evaluate import check_image_size, load_model, resolve_weights
-from evaluation.extract import EvalError, run_cli
+from evaluation.evaluate import run_cli
+from fast_clip.retrieval.testset import EvalError
 
 __all__ = ["Encoder", "ImageEncoder", "TextEncoder", "export_encoders", "verify_encoders", "main"]
 

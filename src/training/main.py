@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
 
 def _validator(val_data: str, device):
-    from evaluation.validation import EvalError, validator
+    from fast_clip.retrieval.protocol import EvalError, validator
     try:
         return validator(val_data, device)
     except EvalError as e:  # a typo must not cost an epoch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -18,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from common import shards
-from common.runs import CheckpointError
 from common.shards import IMAGE_EXTS
 from common.transforms import build_transform, clean_caption
 
@@ -28,16 +26,6 @@ __all__ = ["EvalError", "TestSet", "resolve_shards", "load_test_set", "extract_f
 
 class EvalError(RuntimeError):
     """Bad evaluation input (run directory, checkpoint, shards, model): the message names the file and the problem."""
-
-
-def run_cli(run, args) -> int:
-    """The evaluation CLIs' one error rule: bad input (an EvalError, or a run folder / checkpoint / weights file that
-    cannot be used) is one ``error:`` line and exit code 2, no traceback."""
-    try:
-        return run(args)
-    except (EvalError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 @dataclass
