@@ -66,7 +66,8 @@ def _namespace(argv):
 SPECIAL = {"lr_min": 1e-5, "pairs_per_id": 4, "report_to": "tensorboard", "stop_epochs": 3,
            "pretrained": __file__, "train_data_weights": "1::3", "val_data": "v"}
 NEEDS = {"ref_model": ["--ref-pretrained", __file__], "distill": ["--ref-model", "X", "--ref-pretrained", __file__],
-         "init_from_ref": ["--ref-model", "X", "--ref-pretrained", __file__], "val_frequency": ["--val-data", "v"]}
+         "init_from_ref": ["--ref-model", "X", "--ref-pretrained", __file__], "val_frequency": ["--val-data", "v"],
+         "multiply_tau": ["--temperature_scheme", "global_learnable"]}  # it scales the one global temperature's loss
 
 
 def _other_flag_value(cls, field, o, base):
@@ -165,3 +166,13 @@ def test_replace_changes_one_concern_and_keeps_the_rest():
     assert (new.run.name, new.model.image_size) == ("x", (32, 16))
     assert (new.data, new.optim, new.loss, new.run.logs) == (cfg.data, cfg.optim, cfg.loss, cfg.run.logs)
     assert cfg.run.name is None  # frozen: the original is untouched
+
+
+def test_multiply_tau_with_per_pair_temperatures_is_refused(capsys):
+    """--multiply_tau scales the loss by the one global temperature; with per-pair temperatures it used to crash
+    (official rules) or be ignored (exact rules): now one error line naming it."""
+    from training.params import parse_args
+    for loss in ("fastclip-v2", "isogclr"):
+        with pytest.raises(SystemExit):
+            parse_args(["--train-data", "x", "--loss", loss, "--multiply_tau"])
+        assert "--multiply_tau" in capsys.readouterr().err

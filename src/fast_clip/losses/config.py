@@ -211,6 +211,9 @@ class LossConfig:
             if self.multiply_tau:
                 raise _bad("--multiply_tau", f"off with --loss {self.loss}", self.multiply_tau)
         if self.temperature_scheme == "individual_learnable":
+            if self.multiply_tau:  # tau * GCL is the global temperature's objective (RGCL-g); per-pair taus have none
+                raise _bad("--multiply_tau", "off with --temperature_scheme individual_learnable (it multiplies the "
+                           "loss by the one global temperature)", self.multiply_tau)
             if not TAU_MIN <= self.temperature <= TAU_MAX:
                 raise _bad("--temperature", f"in [{TAU_MIN}, {TAU_MAX}] for individual_learnable", self.temperature)
             if self.lr_tau is None:
