@@ -8,6 +8,8 @@
         checkpoints/latest.pt      complete (it resumes); latest_prev.pt is the one before, kept as a fallback
         checkpoints/epoch_N.pt     N = epochs completed; complete, or weights-only (``weights_only`` below)
         eval/, onnx/               what scripts/eval.sh and scripts/export_onnx.sh write by default
+        open_clip/                 the last epoch as an open_clip model folder (fast_clip/open_clip_dir.py),
+                                   written at the end of a finished run; what ``local-dir:`` and clip_benchmark read
 
 Every ``.pt`` file is written atomically and read with ``torch.load(weights_only=True)`` only, so a file carrying
 pickled code is refused instead of run. Every problem with a run folder, checkpoint or weights file is a
@@ -26,7 +28,9 @@ import torch
 
 PARAMS, SUMMARY, OUT_LOG, TRAIN_LOG = "params.json", "summary.json", "out.log", "train_log.jsonl"
 CHECKPOINTS, LATEST, LATEST_PREV = "checkpoints", "latest.pt", "latest_prev.pt"
-EVAL_DIR, ONNX_DIR = "eval", "onnx"
+EVAL_DIR, ONNX_DIR, OPEN_CLIP_DIR = "eval", "onnx", "open_clip"
+# An open_clip model folder: open_clip's config file in it, named to open_clip as local-dir:DIR.
+OPEN_CLIP_CONFIG, LOCAL_DIR = "open_clip_config.json", "local-dir:"
 # What evaluation and export read from a checkpoint; a weights-only epoch file holds just these.
 EVAL_KEYS = ("state_dict", "id_head", "model_name", "image_size", "epoch", "step")
 # Only the names the trainer writes: epoch_01.pt, epoch_x.pt or a temporary .epoch_3.pt.tmp.PID are not epoch files.
@@ -247,7 +251,7 @@ def resolve(run_dir: str | None, pretrained: str | None, *, epoch: int | None = 
             image_size=None) -> Weights:
     """The weights a command line names: a run folder (its epoch_N.pt, ``epoch`` or the highest; model and image
     size from params.json), or a file given as ``--pretrained``: one of our checkpoints (model and image size stored
-    in it) or any weights file (``model`` needed). ``model`` / ``image_size`` given override what is found."""
+    in it) or any weights file (``model`` needed), or an open_clip model folder (its config names both). ``model`` / ``image_size`` given override what is found."""
     if run_dir and pretrained:
         raise CheckpointError("give either RUN_DIR or --pretrained FILE, not both")
     if not run_dir and not pretrained:
@@ -265,7 +269,34 @@ def resolve(run_dir: str | None, pretrained: str | None, *, epoch: int | None = 
     return Weights(path, model or params["model"], size, epoch, run_dir, params)
 
 
+def open_clip_folder(path: str) -> tuple[dict, str]:
+    """(open_clip_config.json, weights file) of an open_clip model folder: ours (open_clip/ of a run, fastclip-export)
+    or any that open_clip's ``local-dir:`` loads; the weights file is the one open_clip itself picks."""
+    from open_clip.factory import _find_checkpoint_in_dir
+    from pathlib import Path
+
+    config_path = os.path.join(path, OPEN_CLIP_CONFIG)
+    config = read_json(config_path)
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise CheckpointError(f"{config_path!r} has no 'model_cfg' (not an open_clip model folder)")
+    weights = _find_checkpoint_in_dir(Path(path))
+    if weights is None:
+        raise CheckpointError(f"open_clip model folder {path!r} holds no weights file (*.safetensors, *.bin, *.pth)")
+    return config, weights
+
+
+def _model_folder(path: str, model: str | None, image_size) -> Weights:
+    """An open_clip model folder as --pretrained: its weights, its model as local-dir:PATH, its image size."""
+    config, weights = open_clip_folder(path)
+    size = config["model_cfg"].get("vision_cfg", {}).get("image_size", 224)
+    size = size if isinstance(size, (list, tuple)) else (size, size)
+    where = f"(model_cfg of {os.path.join(path, OPEN_CLIP_CONFIG)!r})"
+    return Weights(weights, model or LOCAL_DIR + os.path.abspath(path), _image_size(image_size or size, where))
+
+
 def _weights_file(path: str, model: str | None, image_size) -> Weights:
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, OPEN_CLIP_CONFIG)):
+        return _model_folder(path, model, image_size)
     if not os.path.isfile(path):
         raise CheckpointError(f"--pretrained {path!r} " + ("is not a file" if os.path.exists(path) else
                                                            "does not exist"))

@@ -173,12 +173,15 @@ def _json_safe(x):
 
 def write_report(out_dir: str, tag: str, results: Mapping[str, dict], examples: Sequence[dict],
                  header: Mapping[str, str]) -> dict[str, str]:
-    """Write ``TAG.json``, ``TAG.md``, ``TAG_cmc.png``, ``TAG_examples.png`` under ``out_dir``; returns the paths."""
+    """Write ``TAG.json``, ``TAG.md``, ``TAG_cmc.png``, ``TAG_examples.png`` and the HTML report ``TAG.html``
+    under ``out_dir``; returns the paths."""
     from evaluation.plots import plot_cmc, plot_examples
+    from evaluation.report import write_html
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"{tag}{suffix}") for k, suffix in
-             (("json", ".json"), ("md", ".md"), ("cmc", "_cmc.png"), ("examples", "_examples.png"))}
+             (("json", ".json"), ("md", ".md"), ("cmc", "_cmc.png"), ("examples", "_examples.png"),
+              ("html", ".html"))}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(_json_safe(dict(results)), f, indent=2)
         f.write("\n")
@@ -197,7 +200,8 @@ def write_report(out_dir: str, tag: str, results: Mapping[str, dict], examples: 
         for line in partial_notes(results):
             f.write(f"\n{line}\n")
     plot_cmc({n: m["cmc"] for n, m in results.items()}, paths["cmc"], title=f"CMC, {tag}")
-    plot_examples(list(examples), paths["examples"])
+    plot_examples([r for r in examples if r.get("kind", "sample") == "sample"], paths["examples"])
+    write_html(paths["html"], tag, header, table, partial_notes(results), paths["cmc"], examples)
     return paths
 
 
@@ -211,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "file listing shards, or NAME=SPEC to name it. Default: the test/ split next to each training "
                         "set of the run")
     p.add_argument("--epoch", type=int, help="evaluate checkpoints/epoch_N.pt (default: the highest N)")
-    p.add_argument("--pretrained", metavar="FILE", help="evaluate this weights file instead of a run (needs --data, "
-                                                         "--output, and --model unless FILE is a checkpoint of this "
-                                                         "trainer)")
+    p.add_argument("--pretrained", metavar="FILE", help="evaluate this weights file or open_clip model folder "
+                                                         "(local-dir) instead of a run (needs --data, --output, and "
+                                                         "--model unless FILE is a checkpoint of this trainer or a "
+                                                         "model folder)")
     p.add_argument("--model", help="open_clip model name (default: the checkpoint's, else params.json's)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the "
                                                                                   "checkpoint's, else params.json's, "
@@ -225,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--chunk-size", type=int, default=None, help="query rows per metric chunk (default: automatic)")
     p.add_argument("--examples", type=int, default=4, help="retrieval examples drawn per dataset")
+    p.add_argument("--worst", type=int, default=8, help="worst queries (lowest first match) per dataset shown in "
+                                                        "the HTML report")
     p.add_argument("--allow-partial", action="store_true",
                    help="score a test split that lacks shards or samples its manifest.json / sizes.json lists "
                         "(refused by default); the report then says PARTIAL, with the counts")
@@ -260,7 +267,7 @@ def pick_device(text: str) -> torch.device:
 def _check_args(args) -> torch.device:
     """Every flag that can be checked before any work; the device to use."""
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                             ("--examples", args.examples, 0), ("--chunk-size", args.chunk_size, 1)):
+                             ("--examples", args.examples, 0), ("--worst", args.worst, 0), ("--chunk-size", args.chunk_size, 1)):
         if value is not None and value < low:
             raise EvalError(f"{flag} must be >= {low}, got {value}")
     check_image_size(args)
@@ -412,7 +419,7 @@ def _run(args) -> int:
         print(f"scoring {n} on {device} ...", file=sys.stderr, flush=True)
         results[n], ex = evaluate_testset(model, tokenizer, transform, ts, device, batch_size=args.batch_size,
                                           num_workers=args.workers, chunk_size=args.chunk_size,
-                                          num_examples=args.examples)
+                                          num_examples=args.examples, num_worst=args.worst)
         if ts.partial:
             results[n]["partial"] = ts.partial
         examples += ex
@@ -420,6 +427,7 @@ def _run(args) -> int:
     print(f"{w.model} {os.path.basename(w.path)} ({header.get('epoch', 'pretrained')}):")
     print("\n".join([format_table(results)] + partial_notes(results)))
     print(f"wrote {paths['json']}, {paths['md']}, {paths['cmc']}, {paths['examples']}")
+    print(f"HTML report: {paths['html']}")
     return 0
 
 

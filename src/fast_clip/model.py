@@ -41,6 +41,9 @@ def list_models() -> list[str]:
 
 
 def model_config(name: str) -> dict:
+    """open_clip's config of a model name, or of an open_clip model folder named ``local-dir:DIR``."""
+    if name.startswith(runs.LOCAL_DIR):
+        return runs.open_clip_folder(name[len(runs.LOCAL_DIR):])[0]["model_cfg"]
     register_model_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
@@ -54,9 +57,12 @@ def model_config(name: str) -> dict:
 
 
 def default_image_size(name: str) -> tuple[int, int]:
-    """(height, width): a config's own non-square size, else the person-crop default 384x128."""
+    """(height, width): a config's own non-square size (a model folder's size as it is), else the person-crop
+    default 384x128."""
     size = model_config(name)["vision_cfg"].get("image_size", 224)
-    if isinstance(size, (list, tuple)) and size[0] != size[1]:
+    if name.startswith(runs.LOCAL_DIR):  # a model folder's config holds the size its weights were trained at
+        size = size if isinstance(size, (list, tuple)) else (size, size)
+    if isinstance(size, (list, tuple)) and (size[0] != size[1] or name.startswith(runs.LOCAL_DIR)):
         return int(size[0]), int(size[1])
     return PERSON_IMAGE_SIZE
 
@@ -165,22 +171,33 @@ def create_model(name: str, pretrained: str | None = None, image_size: tuple[int
     return model.to(device)
 
 
+def load_checkpoint_model(path: str | os.PathLike, name: str | None = None, image_size=None):
+    """(model, model name, image size, checkpoint) of a weights file: one of our checkpoints builds the model and
+    size it stores, any other weights file needs ``name`` (``image_size`` None: the model's default). The checkpoint
+    is {} for a file that is not ours."""
+    path = str(path)
+    obj = runs.load_file(path)
+    stored = runs.trained_model(obj)
+    if stored is not None:
+        name, image_size = stored
+    if name is None:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this trainer (no model_name / image_size); "
+                              f"for other weights use create_model(name, pretrained=path, image_size=(H, W))")
+    size = (int(image_size[0]), int(image_size[1])) if image_size else default_image_size(name)
+    model = create_model(name, image_size=size)
+    _fit_weights(model, runs.model_state(obj, path), path)
+    return model, name, size, (obj if stored is not None else {})
+
+
 def load_for_open_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) for one of our checkpoints, what open_clip users expect from
     ``open_clip.create_model_and_transforms``: an open_clip ``CLIP`` built at the image size the run trained at (a
     square config such as ViT-B-16 trained at 384x128 fails to load into open_clip's default 224x224 model), its
     weights, and the preprocessing it was trained and evaluated with (resize to HxW, CLIP normalisation). open_clip's
     own transform keeps the aspect ratio and centre-crops, which moves image embeddings (cosine 0.92-0.99 on our
-    crops), so use this ``preprocess`` with these weights."""
+    crops), so use this ``preprocess`` with these weights; or export the checkpoint as an open_clip model folder
+    (fast_clip/open_clip_dir.py), which plain open_clip loads with this preprocessing."""
     from common.transforms import build_transform
 
-    path = str(path)
-    ckpt = runs.load_file(path)
-    stored = runs.trained_model(ckpt)
-    if stored is None:
-        raise CheckpointError(f"{path!r} is not a checkpoint of this trainer (no model_name / image_size); "
-                              f"for other weights use create_model(name, pretrained=path, image_size=(H, W))")
-    name, size = stored[0], (int(stored[1][0]), int(stored[1][1]))
-    model = create_model(name, image_size=size)
-    _fit_weights(model, runs.model_state(ckpt, path), path)
+    model, name, size, _ = load_checkpoint_model(path)
     return model.to(device).eval(), build_transform(size, train=False), get_tokenizer(name)

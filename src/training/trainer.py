@@ -22,6 +22,7 @@ import torch
 
 from fast_clip.losses import build_loss
 from fast_clip.model import create_model, default_image_size, get_tokenizer
+from fast_clip.open_clip_dir import export_run
 from common.seeding import Stream, rng_seed
 from common.transforms import build_transform, clean_caption
 from training import stop
@@ -305,6 +306,8 @@ class Trainer:
                 self.folder.write_summary(status, progress, self.tallies.state_dict())
         if error is not None:
             raise SystemExit(f"error: {error}")
+        if status == "finished" and self.denv.is_main:  # the last epoch as an open_clip model folder
+            log(f"open_clip model folder: {export_run(self.folder.path)}")
         return code
 
     def _epoch(self) -> bool:

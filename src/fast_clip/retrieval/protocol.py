@@ -45,16 +45,42 @@ def evaluate_features(image_features: torch.Tensor, text_features: torch.Tensor,
     return ordered
 
 
-def examples(image_features, text_features, ts: TestSet, n: int) -> list[dict]:
-    if n <= 0 or ts.num_queries == 0:
+def first_match_ranks(image_features, text_features, ts: TestSet, chunk_size: int = 1024) -> np.ndarray:
+    """1-based rank of each query's first match in the metrics' order (descending similarity, ties by ascending
+    gallery index); 0 for a query without a match in the gallery."""
+    g_ids = torch.as_tensor(ts.gallery_pids, device=text_features.device)
+    cols = torch.arange(ts.num_gallery, device=text_features.device)
+    out = []
+    for lo in range(0, ts.num_queries, chunk_size):
+        s = (text_features[lo:lo + chunk_size].float() @ image_features.float().t()) + 0.0
+        q_ids = torch.as_tensor(ts.query_pids[lo:lo + chunk_size], device=s.device)
+        match = g_ids[None, :] == q_ids[:, None]
+        best = torch.where(match, s, torch.full_like(s, -torch.inf)).max(1).values[:, None]
+        first = (match & (s == best)).int().argmax(1)[:, None]  # the lowest index among the best matches
+        rank = 1 + (s > best).sum(1) + ((s == best) & (cols[None, :] < first)).sum(1)
+        out.append(torch.where(match.any(1), rank, torch.zeros_like(rank)).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+
+
+def examples(image_features, text_features, ts: TestSet, n: int, worst: int = 0) -> list[dict]:
+    """Retrieval examples: ``n`` queries spread evenly over the test set (``kind`` 'sample') and the ``worst``
+    queries whose first match ranks lowest ('worst'), each with its top gallery images, which of them match, and
+    the rank of its first match (``first_hit``, None without a match)."""
+    if (n <= 0 and worst <= 0) or ts.num_queries == 0:
         return []
-    picks = sorted(set(np.linspace(0, ts.num_queries - 1, n).round().astype(int).tolist()))
-    sims = text_features[picks] @ image_features.t()
+    ranks = first_match_ranks(image_features, text_features, ts)
+    spread = np.linspace(0, ts.num_queries - 1, max(0, n)).round().astype(int)
+    picks = [(q, "sample") for q in sorted(set(spread.tolist()))]
+    with_match = np.flatnonzero(ranks > 0)
+    picks += [(int(q), "worst") for q in with_match[np.argsort(-ranks[with_match], kind="stable")][:max(0, worst)]]
+    if not picks:
+        return []
+    sims = text_features[[q for q, _ in picks]] @ image_features.t()
     top = topk_indices(sims, min(TOP_SHOWN, ts.num_gallery)).cpu().numpy()
     rows = []
-    for q, idx in zip(picks, top):
+    for (q, kind), idx in zip(picks, top):
         rows.append(dict(title=ts.name, caption=ts.captions[q], query_index=int(q), pid=int(ts.query_pids[q]),
-                         gallery_indices=idx.tolist(),
+                         kind=kind, first_hit=int(ranks[q]) or None, gallery_indices=idx.tolist(),
                          matches=(ts.gallery_pids[idx] == ts.query_pids[q]).tolist(),
                          images=[ts.image(int(i)) for i in idx]))
     return rows
@@ -62,11 +88,12 @@ def examples(image_features, text_features, ts: TestSet, n: int) -> list[dict]:
 
 def evaluate_testset(model, tokenizer, transform, ts: TestSet, device: str | torch.device = "cpu",
                      batch_size: int = 256, num_workers: int = 0, chunk_size: int | None = None,
-                     num_examples: int = 0) -> tuple[dict, list[dict]]:
-    """(metrics, retrieval examples) of one loaded test set."""
+                     num_examples: int = 0, num_worst: int = 0) -> tuple[dict, list[dict]]:
+    """(metrics, retrieval examples: ``num_examples`` sampled queries and the ``num_worst`` worst) of one loaded
+    test set."""
     img, txt = extract_features(model, tokenizer, transform, ts, device, batch_size=batch_size,
                                 num_workers=num_workers)
-    return evaluate_features(img, txt, ts, chunk_size), examples(img, txt, ts, num_examples)
+    return evaluate_features(img, txt, ts, chunk_size), examples(img, txt, ts, num_examples, num_worst)
 
 
 def evaluate_model(model, tokenizer, transform, datasets: Mapping[str, str | Sequence[str] | TestSet],
