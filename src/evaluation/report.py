@@ -58,7 +58,9 @@ def _table(markdown: str) -> str:
 
 def _query(row: dict) -> str:
     first = row.get("first_hit")
-    rank = f"first match at rank {first}" if first else "no match in the gallery"
+    shown = len(row["images"])
+    rank = (f"first match at rank {first}" + (f" (not in the top {shown})" if first > shown else "")
+            if first else "no match in the gallery")
     figures = []
     for j, (img, hit) in enumerate(zip(row["images"], row["matches"])):
         label = f"{j + 1}{' match' if hit else ''}"
