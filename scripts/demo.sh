@@ -29,4 +29,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 echo "== 3/3 evaluation of the final epoch on the held-out test identities"
 bash scripts/eval.sh "logs/$name"
+# the trainer wrote logs/$name/open_clip at the end of the run; written again, its model card carries these scores
+"$py" -m evaluation.export_open_clip "logs/$name" > /dev/null
 echo "demo finished in $(( $(date +%s) - t0 )) s; run folder: logs/$name (tensorboard --logdir logs/$name/tensorboard)"
+echo "HTML report (open in a browser): logs/$name/eval/epoch_$epochs.html"
+echo "open_clip model folder: logs/$name/open_clip (open_clip.create_model_and_transforms('local-dir:logs/$name/open_clip'))"

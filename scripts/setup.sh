@@ -22,7 +22,7 @@ fi
 # The project itself, editable (src/ and data_prep/ as installed packages, console scripts fastclip-*); no deps: the
 # pinned requirements above are the runtime.
 if ! (cd / && "$root/.venv/bin/python" -c "import sys, training; sys.exit(training.__file__ != '$root/src/training/__init__.py')") 2>/dev/null \
-    || [ ! -x .venv/bin/fastclip-train ]; then
+    || [ ! -x .venv/bin/fastclip-train ] || [ ! -x .venv/bin/fastclip-export ]; then
   if ! .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . > .venv/pip-install-project.log 2>&1; then
     tail -20 .venv/pip-install-project.log >&2
     echo "[setup] error: installing the project (pip install -e .) failed; full log in .venv/pip-install-project.log" >&2

@@ -175,8 +175,10 @@ def load_checkpoint_model(path: str | os.PathLike, name: str | None = None, imag
     """(model, model name, image size, checkpoint) of a weights file: one of our checkpoints builds the model and
     size it stores, any other weights file needs ``name`` (``image_size`` None: the model's default). The checkpoint
     is {} for a file that is not ours."""
+    from fast_clip.torchscript import is_torchscript
+
     path = str(path)
-    obj = runs.load_file(path)
+    obj = {} if is_torchscript(path) else runs.load_file(path)  # OpenAI's archive: read by load_weights_file
     stored = runs.trained_model(obj)
     if stored is not None:
         name, image_size = stored
@@ -185,7 +187,7 @@ def load_checkpoint_model(path: str | os.PathLike, name: str | None = None, imag
                               f"for other weights use create_model(name, pretrained=path, image_size=(H, W))")
     size = (int(image_size[0]), int(image_size[1])) if image_size else default_image_size(name)
     model = create_model(name, image_size=size)
-    _fit_weights(model, runs.model_state(obj, path), path)
+    _fit_weights(model, _drop_openai_scalars(runs.model_state(obj, path)) if obj else load_weights_file(path), path)
     return model, name, size, (obj if stored is not None else {})
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 
-from open_clip.constants import HF_CONFIG_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.push_to_hf_hub import generate_readme, save_for_hf
 from open_clip.transform import PreprocessCfg
 
@@ -81,6 +81,9 @@ def write_folder(model, name: str, image_size, out_dir: str, card: dict) -> str:
         json.dump(config, f, indent=2)
     with open(os.path.join(tmp, CARD), "w", encoding="utf-8") as f:
         f.write(generate_readme(dict(card), name))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(os.path.join(tmp, HF_SAFE_WEIGHTS_NAME), 0o666 & ~umask)  # safetensors writes 0600; share like the rest
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -98,9 +101,11 @@ def model_card(name: str, image_size, ckpt: dict, params: dict, metrics: dict | 
     """open_clip's model card dict: what the model was trained on, with which loss, for how long, and its scores."""
     details = {"Architecture": f"open_clip {name} at {image_size[0]}x{image_size[1]} (H x W)",
                "Training data": params.get("train_data", "not recorded"),
-               "Loss": params.get("loss", "not recorded"),
+               "Loss": (params.get("loss_config") or {}).get("loss") or params.get("loss") or "not recorded",
                "Steps": ckpt.get("step", "not recorded"), "Epochs": ckpt.get("epoch", "not recorded"),
                "Exported from": source}
+    if params.get("loss_config"):
+        details["Loss settings"] = params["loss_config"]
     usage = ("```python\nimport open_clip\nmodel, _, preprocess = open_clip.create_model_and_transforms("
              "'local-dir:DIR')\ntokenizer = open_clip.get_tokenizer('local-dir:DIR')\n```\n"
              "`preprocess` resizes to exactly HxW (person crops are not centre-cropped).\n")
