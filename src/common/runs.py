@@ -251,7 +251,8 @@ def resolve(run_dir: str | None, pretrained: str | None, *, epoch: int | None = 
             image_size=None) -> Weights:
     """The weights a command line names: a run folder (its epoch_N.pt, ``epoch`` or the highest; model and image
     size from params.json), or a file given as ``--pretrained``: one of our checkpoints (model and image size stored
-    in it) or any weights file (``model`` needed), or an open_clip model folder (its config names both). ``model`` / ``image_size`` given override what is found."""
+    in it) or any weights file (``model`` needed), or an open_clip model folder (its config names both).
+    ``model`` / ``image_size`` given override what is found."""
     if run_dir and pretrained:
         raise CheckpointError("give either RUN_DIR or --pretrained FILE, not both")
     if not run_dir and not pretrained:

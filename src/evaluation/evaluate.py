@@ -267,7 +267,8 @@ def pick_device(text: str) -> torch.device:
 def _check_args(args) -> torch.device:
     """Every flag that can be checked before any work; the device to use."""
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                             ("--examples", args.examples, 0), ("--worst", args.worst, 0), ("--chunk-size", args.chunk_size, 1)):
+                             ("--examples", args.examples, 0), ("--worst", args.worst, 0),
+                             ("--chunk-size", args.chunk_size, 1)):
         if value is not None and value < low:
             raise EvalError(f"{flag} must be >= {low}, got {value}")
     check_image_size(args)

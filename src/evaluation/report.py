@@ -50,7 +50,7 @@ def _thumb(img) -> str:
 def _table(markdown: str) -> str:
     """format_table's markdown table as HTML (one home for the columns)."""
     lines = [ln.strip().strip("|").split("|") for ln in markdown.strip().splitlines()]
-    head, body = lines[0], [ln for ln in lines[2:]]
+    head, body = lines[0], lines[2:]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"]
     out += ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in body]
     return "\n".join(out + ["</table>"])
@@ -82,7 +82,8 @@ def write_html(path: str, tag: str, header: Mapping[str, str], table: str, notes
     with open(cmc_png, "rb") as f:
         cmc = _data_uri(f.read(), "image/png")
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Evaluation "
-             f"{html.escape(tag)}</title><style>{_STYLE}</style></head><body>", f"<h1>Evaluation {html.escape(tag)}</h1>",
+             f"{html.escape(tag)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>Evaluation {html.escape(tag)}</h1>",
              "<ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in header.items()) + "</ul>",
              "<h2>Text-to-image retrieval (percent)</h2>", _table(table)]
     parts += [f'<p class="notes">{html.escape(n)}</p>' for n in notes]

@@ -34,7 +34,8 @@ CARD = "README.md"
 def preprocess_cfg(image_size) -> dict:
     """common/transforms.py ``build_transform(size, train=False)`` in open_clip's PreprocessCfg: resize to exactly
     (H, W) without keeping the aspect ratio ('squash'), bicubic, CLIP mean/std. Ours resizes a uint8 tensor with
-    antialiasing, open_clip a PIL image: both bicubic with antialiasing, a pixel may differ by one level (docs/EVAL.md)."""
+    antialiasing, open_clip a PIL image: both bicubic with antialiasing, a pixel may differ by one level
+    (docs/EVAL.md)."""
     h, w = int(image_size[0]), int(image_size[1])
     cfg = dict(size=[h, w], mode="RGB", mean=list(OPENAI_DATASET_MEAN), std=list(OPENAI_DATASET_STD),
                interpolation="bicubic", resize_mode="squash", fill_color=0)
