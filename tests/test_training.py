@@ -233,10 +233,12 @@ def test_state_components_round_trip_and_another_data_plan_restarts_the_epoch(ti
     again.load_state_dict(state.state_dict())
     assert again == state
     tallies = Tallies()
-    tallies.count({"bad": {"bad_image": 2}, "sources": torch.tensor([0, 0, 1])})
+    tallies.count({"bad": {"bad_image": 2}, "sources": torch.tensor([0, 0, 1]),
+                   "data": {"read": 2, "refilled": 1, "lost": {"bad_image": 1}}}, epoch=0)
     back = Tallies()
     back.load_state_dict(tallies.state_dict())
     assert back.bad_samples == {"bad_image": 2} and back.source_counts == {0: 2, 1: 1}
+    assert back.epochs == {0: {"read": 2, "refilled": 1, "lost": {"bad_image": 1}}}  # a resume keeps them
     rng = ProcessRng()
     saved = rng.state_dict()
     first = (torch.rand(2), random.random())
