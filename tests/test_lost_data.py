@@ -99,8 +99,8 @@ def test_a_sizes_json_listing_more_than_a_shard_holds_counts_the_missing_pairs_a
     _set_count(info, "train-000003.tar", 24)  # holds 16: the plan counts 136 pairs
     assert main(_args(info["dir"], tmp_path, "over")) == 0
     summary = _summary(tmp_path / "over")
-    assert summary["status"] == "finished: 8 of 136 pairs of the plan were not read (fewer_than_listed 8)"
-    assert summary["data"]["0"] == {"read": 128, "lost": {"fewer_than_listed": 8}, "refilled": 8}
+    assert summary["status"] == "finished: 8 of 136 pairs of the plan were not read (truncated_shard 8)"
+    assert summary["data"]["0"] == {"read": 128, "lost": {"truncated_shard": 8}, "refilled": 8}
 
 
 def test_a_sizes_json_listing_fewer_than_a_shard_holds_is_refused_when_the_shard_is_read(tmp_path):

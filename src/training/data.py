@@ -228,15 +228,14 @@ def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int
     lost = hi - max(i, lo)
     if lost <= 0:  # what is wrong lies beyond this range: the worker reading it counts it
         return
-    if problems:
-        reason = "truncated_shard" if i else "unreadable_shard"
-        if counter.add(reason, ("lost", url), lost):
-            _warn(f"shard {url} is truncated or unreadable ({problems[0]}); {lost} pairs of the plan in it are not "
-                  f"read (counted against --max-bad-samples-frac)")
-    elif i < count and counter.add("fewer_than_listed", ("lost", url), lost):
-        _warn(f"shard {url} holds {i} samples where {shards.SIZES_FILE} lists {count}: {lost} pairs of the plan are "
-              f"not read (counted against --max-bad-samples-frac); if the file is whole, {shards.SIZES_FILE} is "
-              f"stale: python data_prep/make_shards.py index {shards.parent(url)}")
+    # Python's tarfile stops silently at most truncations: a cut file, and a whole one that sizes.json over-counts,
+    # both read as fewer samples than listed
+    reason = "truncated_shard" if i or not problems else "unreadable_shard"
+    if counter.add(reason, ("lost", url), lost):
+        problem = problems[0] if problems else f"{i} samples where {shards.SIZES_FILE} lists {count}"
+        _warn(f"shard {url} is truncated or unreadable ({problem}): {lost} pairs of the plan in it are not read "
+              f"(counted against --max-bad-samples-frac); if the file is whole, its {shards.SIZES_FILE} is stale: "
+              f"python data_prep/make_shards.py index {shards.parent(url)}")
 
 
 def _more_than_listed(url: str, count: int, real: int) -> str:

@@ -93,7 +93,7 @@ def not_read(counts: list[dict]) -> str | None:
     if not sum(lost.values()):
         return None
     planned = sum(c["read"] for c in counts) + sum(lost.values())
-    reasons = ", ".join(f"{k} {v}" for k, v in lost.most_common())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(lost.items(), key=lambda kv: (-kv[1], kv[0])))
     return f"{sum(lost.values())} of {planned} pairs of the plan were not read ({reasons})"
 
 
