@@ -261,14 +261,15 @@ def _layout(ckpt: dict) -> dict:
 
 def _as_written_by_2946cfe(ckpt: dict) -> dict:
     """The same state in the layout of commit 2946cfe: its train_state also held the data position and rank 0's
-    tallies, and the per-rank counts came last."""
+    tallies, and the per-rank counts (without the per-epoch data counts) came last."""
     data, counts = ckpt["data"], ckpt["per_rank_counts"]
     old = {k: v for k, v in ckpt.items() if k not in ("per_rank_counts", "rng", "model_name", "image_size", "epoch",
                                                      "step")}
     old["train_state"] = {"epoch": data["epoch"], "batch_in_epoch": data["batch_in_epoch"], **ckpt["train_state"],
                           "bad_samples": counts[0]["bad"], "source_counts": counts[0]["sources"]}
     old["data"] = data
-    old.update({k: ckpt[k] for k in ("rng", "model_name", "image_size", "epoch", "step", "per_rank_counts")})
+    old.update({k: ckpt[k] for k in ("rng", "model_name", "image_size", "epoch", "step")})
+    old["per_rank_counts"] = [{"bad": r["bad"], "sources": r["sources"]} for r in counts]  # no per-epoch data counts
     return old
 
 
