@@ -303,8 +303,7 @@ class Trainer:
             # The summary is a collective (counts summed over ranks), so it is written only when every rank knows
             # how the run ended; after an unexpected exception a rank may be gone.
             if status is not None:
-                per_rank = self.tallies.state_dict()
-                self._write_summary(status, per_rank)
+                self._write_summary(status, self.tallies.state_dict())
         if error is not None:
             raise SystemExit(f"error: {error}")
         return code
@@ -314,9 +313,8 @@ class Trainer:
         a finished run that lost pairs or trained on a partial split says so in its status."""
         epochs = data_counts(per_rank)
         partial = [what for s in self.sets for what in s.partial]
-        notes = [n for n in [not_read(list(epochs.values()))] if n]
-        if partial:
-            notes.append(f"partial --train-data ({'; '.join(partial)})")
+        lost = not_read(list(epochs.values()))
+        notes = ([lost] if lost else []) + ([f"partial --train-data ({'; '.join(partial)})"] if partial else [])
         if status == "finished" and notes:
             status = f"finished: {'; '.join(notes)}"
         progress = {"epoch": self.stream.epoch, "batch_in_epoch": self.stream.batch_in_epoch,
