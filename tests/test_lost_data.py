@@ -132,3 +132,17 @@ def test_a_partial_train_split_is_refused_and_with_the_flag_trained_and_reported
     assert summary["status"].startswith("finished: partial --train-data (") and "112 of its 128" in summary["status"]
     assert len(summary["partial_data"]) == 1 and summary["data"]["0"]["read"] == 112
     assert "partial (--allow-partial-data)" in (tmp_path / "allowed" / "out.log").read_text()
+
+
+@pytest.mark.parametrize("stop_at", [3, 12])
+def test_a_resumed_run_keeps_the_epochs_data_counts(tmp_path, stop_at):
+    # The counts are state (per_rank_counts): stopped before or after the short shard is met, the resumed run ends
+    # with the counts of an uninterrupted one, nothing counted twice by the replay of the epoch's first batches.
+    info = write_shards(str(tmp_path / "s"), num_ids=32, shard_size=16)
+    _set_count(info, "train-000003.tar", 24)
+    args = _args(info["dir"], tmp_path, "cut")
+    assert main(args + ["--max-steps", str(stop_at)]) == 0
+    assert main(args + ["--resume", "latest"]) == 0
+    summary = _summary(tmp_path / "cut")
+    assert summary["status"] == "finished: 8 of 136 pairs of the plan were not read (truncated_shard 8)"
+    assert summary["data"] == {"0": {"read": 128, "lost": {"truncated_shard": 8}, "refilled": 8}}

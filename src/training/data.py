@@ -20,8 +20,10 @@ shards), leftovers are packed into K-sized groups of several persons, and a batc
 groups: P persons x K pairs, still every pair once per epoch from the same fixed range. The DataLoader reads its
 workers round-robin, so batch j of a rank comes from worker j % W. To resume at batch k, every worker replays its
 stream and drops the batches it had produced, and the worker roles are rotated by k % W so that physical worker 0
-produces batch k next. Unusable samples (bad JPEG, bad UTF-8, missing json, ...) are counted by reason and replaced by
-the next sample of the stream, so every batch is full and all ranks stay in lock-step.
+produces batch k next. Unusable samples (bad JPEG, bad UTF-8, missing json, ...) and pairs of the plan that cannot
+be read (a shard gone, truncated or shorter than sizes.json lists: read_shard) are counted, by reason and in pairs,
+and replaced by the next sample of the stream, so every batch is full and all ranks stay in lock-step; the batches
+carry the counts (pairs read, lost, refilled) to the run's tallies.
 """
 from __future__ import annotations
 
