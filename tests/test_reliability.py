@@ -30,7 +30,11 @@ def test_corrupt_samples_are_counted_exactly_and_training_completes(tmp_path):
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     run_main(*_train_args(info["dir"], tmp_path, "faults"))
     summary = json.load(open(tmp_path / "faults" / "summary.json"))
-    assert summary["status"] == "finished" and summary["global_step"] == 128 // 8
+    # the pairs not read are named: 10 unusable samples and the 7 pairs cut from shard 7 (refilled from the range)
+    assert summary["status"] == ("finished: 17 of 128 pairs of the plan were not read (truncated_shard 7, bad_image 6, "
+                                 "caption_not_utf8 2, empty_caption 1, missing_json 1)")
+    assert summary["global_step"] == 128 // 8
+    assert summary["data"]["0"]["read"] == 128 - 17 and summary["data"]["0"]["refilled"] == 17
     bad = summary["bad_samples"]
     assert bad.get("bad_image") == 6 and bad.get("caption_not_utf8") == 2
     assert bad.get("empty_caption") == 1 and bad.get("missing_json") == 1

@@ -233,10 +233,12 @@ def test_state_components_round_trip_and_another_data_plan_restarts_the_epoch(ti
     again.load_state_dict(state.state_dict())
     assert again == state
     tallies = Tallies()
-    tallies.count({"bad": {"bad_image": 2}, "sources": torch.tensor([0, 0, 1])})
+    tallies.count({"bad": {"bad_image": 2}, "sources": torch.tensor([0, 0, 1]),
+                   "data": {"read": 2, "refilled": 1, "lost": {"bad_image": 1}}}, epoch=0)
     back = Tallies()
     back.load_state_dict(tallies.state_dict())
     assert back.bad_samples == {"bad_image": 2} and back.source_counts == {0: 2, 1: 1}
+    assert back.epochs == {0: {"read": 2, "refilled": 1, "lost": {"bad_image": 1}}}  # a resume keeps them
     rng = ProcessRng()
     saved = rng.state_dict()
     first = (torch.rand(2), random.random())
@@ -259,14 +261,15 @@ def _layout(ckpt: dict) -> dict:
 
 def _as_written_by_2946cfe(ckpt: dict) -> dict:
     """The same state in the layout of commit 2946cfe: its train_state also held the data position and rank 0's
-    tallies, and the per-rank counts came last."""
+    tallies, and the per-rank counts (without the per-epoch data counts) came last."""
     data, counts = ckpt["data"], ckpt["per_rank_counts"]
     old = {k: v for k, v in ckpt.items() if k not in ("per_rank_counts", "rng", "model_name", "image_size", "epoch",
                                                      "step")}
     old["train_state"] = {"epoch": data["epoch"], "batch_in_epoch": data["batch_in_epoch"], **ckpt["train_state"],
                           "bad_samples": counts[0]["bad"], "source_counts": counts[0]["sources"]}
     old["data"] = data
-    old.update({k: ckpt[k] for k in ("rng", "model_name", "image_size", "epoch", "step", "per_rank_counts")})
+    old.update({k: ckpt[k] for k in ("rng", "model_name", "image_size", "epoch", "step")})
+    old["per_rank_counts"] = [{"bad": r["bad"], "sources": r["sources"]} for r in counts]  # no per-epoch data counts
     return old
 
 

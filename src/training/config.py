@@ -131,6 +131,10 @@ class DataConfig:
         help="Where flip / pad-crop / normalisation / erasing run: 'loader' (per sample in the data workers) or "
              "'device' (workers only decode + resize and ship uint8; the batch is augmented on the accelerator). "
              "auto: device on CUDA, loader on CPU.")
+    allow_partial_data: bool = opt(
+        "--allow-partial-data", default=False,
+        help="Train on a make_shards split that lacks shards of its manifest (or whose sizes.json disagrees with it); "
+             "the log and summary.json then say partial, with the counts. Without it such a split is refused.")
     val_data: str | None = opt("--val-data", default=None,
                                help="Shards evaluated every --val-frequency epochs (retrieval R@k).")
     val_frequency: int = opt("--val-frequency", default=0, help="Evaluate on --val-data every N epochs (0: never).")

@@ -20,13 +20,16 @@ shards), leftovers are packed into K-sized groups of several persons, and a batc
 groups: P persons x K pairs, still every pair once per epoch from the same fixed range. The DataLoader reads its
 workers round-robin, so batch j of a rank comes from worker j % W. To resume at batch k, every worker replays its
 stream and drops the batches it had produced, and the worker roles are rotated by k % W so that physical worker 0
-produces batch k next. Unusable samples (bad JPEG, bad UTF-8, missing json, ...) are counted by reason and replaced by
-the next sample of the stream, so every batch is full and all ranks stay in lock-step.
+produces batch k next. Unusable samples (bad JPEG, bad UTF-8, missing json, ...) and pairs of the plan that cannot
+be read (a shard gone, truncated or shorter than sizes.json lists: read_shard) are counted, by reason and in pairs,
+and replaced by the next sample of the stream, so every batch is full and all ranks stay in lock-step; the batches
+carry the counts (pairs read, lost, refilled) to the run's tallies.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,19 +50,35 @@ class DataError(RuntimeError):
 
 
 class Tally:
-    """Unusable-sample counts of one worker: ``delta`` is drained into each batch; ``reported`` remembers what was
-    already counted this epoch, because refill passes meet the same bad samples and truncated shards again."""
+    """Unusable-sample counts of one worker: ``delta`` (by reason: samples, or shards for a shard's problem) and
+    ``lost`` (by reason: pairs of the plan not read) are drained into each batch; ``epoch_lost`` is the worker's sum
+    for the epoch, held against --max-bad-samples-frac; ``reported`` remembers what was already counted this epoch,
+    because refill passes meet the same bad samples and truncated shards again."""
 
     def __init__(self):
         self.delta: Counter = Counter()
+        self.lost: Counter = Counter()
+        self.epoch_lost: Counter = Counter()
         self.reported: set = set()
 
-    def add(self, reason: str, ident) -> bool:
+    @property
+    def lost_total(self) -> int:
+        return sum(self.epoch_lost.values())
+
+    def add(self, reason: str, ident, pairs: int = 1) -> bool:
         if ident in self.reported:
             return False
         self.reported.add(ident)
         self.delta[reason] += 1
+        self.lost[reason] += pairs
+        self.epoch_lost[reason] += pairs
         return True
+
+    def drain(self) -> tuple[Counter, Counter]:
+        out = Counter(self.delta), Counter(self.lost)
+        self.delta.clear()
+        self.lost.clear()
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -81,6 +100,7 @@ class ShardSet:
     pid_offset: int = 0
     index: int = 0
     bases: list[int] = field(default_factory=list)  # position of each shard's first sample in the set
+    partial: list[str] = field(default_factory=list)  # what its split folders lack (--allow-partial-data)
 
     def __post_init__(self):
         self.bases = [sum(self.counts[:i]) for i in range(len(self.counts))]
@@ -108,33 +128,52 @@ def _shard_counts(d: str, urls: list[str], logger) -> dict:
     return sizes
 
 
-def load_shard_set(spec: str, index: int = 0, logger=None) -> ShardSet:
-    """Resolve a shard spec and find each shard's sample count (see _shard_counts)."""
+def _partial_split(spec: str, d: str, in_dir: list[str], sizes: dict, allow_partial: bool) -> str | None:
+    """A make_shards split folder against its manifest (common.shards.check_split, as evaluation does): None when the
+    shards given are the whole split; else what is missing, as a DataError or (``allow_partial``) as the text that the
+    log and summary.json report."""
+    check = shards.check_split(d, in_dir)
+    if not check.problems:
+        return None
+    listed = sum(c for c in check.counts.values() if isinstance(c, int))
+    given = sum(sizes[shards.basename(u)] for u in in_dir)
+    what = f"{d} is a partial split: {'; '.join(check.problems)} ({given} of its {listed} listed pairs given)"
+    if not allow_partial:
+        raise DataError(f"--train-data set {spec!r}: {what}; re-copy or re-make it (check it with: python "
+                        f"data_prep/make_shards.py verify OUTPUT), or train on what is there with --allow-partial-data")
+    return what
+
+
+def load_shard_set(spec: str, index: int = 0, logger=None, allow_partial: bool = False) -> ShardSet:
+    """Resolve a shard spec and find each shard's sample count (see _shard_counts); a make_shards split must be
+    whole (see _partial_split)."""
     logger = logger or _warn
     try:
         urls = shards.resolve(spec)
         by_dir: dict[str, list[str]] = {}
         for u in urls:
             by_dir.setdefault(shards.parent(u), []).append(u)
-        sizes, split_ids, is_make_shards_split = {}, None, True
+        sizes, split_ids, is_make_shards_split, partial = {}, None, True, []
         for d, in_dir in by_dir.items():
             info = shards.read_split_info(d)  # (refuses a folder its manifest does not list)
             sizes[d] = _shard_counts(d, in_dir, logger)
             is_make_shards_split = is_make_shards_split and info is not None
+            if info is not None:
+                partial.append(_partial_split(spec, d, in_dir, sizes[d], allow_partial))
             if info and info.get("identities") is not None:
                 split_ids = (split_ids or 0) + int(info["identities"])
         counts = [sizes[shards.parent(u)][shards.basename(u)] for u in urls]
     except shards.ShardError as e:
         raise DataError(f"--train-data set {spec!r}: {e}") from e
     return ShardSet(spec=spec, urls=urls, counts=counts, split_ids=split_ids if is_make_shards_split else None,
-                    is_make_shards_split=is_make_shards_split, index=index)
+                    is_make_shards_split=is_make_shards_split, index=index, partial=[p for p in partial if p])
 
 
-def load_train_sets(train_data: str, logger=None) -> list[ShardSet]:
+def load_train_sets(train_data: str, logger=None, allow_partial: bool = False) -> list[ShardSet]:
     """Each '::' set gets pair index and pid offsets so that the loss state (one entry per pair) covers all sets."""
     sets, index_off, pid_off = [], 0, 0
     for i, spec in enumerate(train_data.split("::")):
-        s = load_shard_set(spec.strip(), index=i, logger=logger)
+        s = load_shard_set(spec.strip(), index=i, logger=logger, allow_partial=allow_partial)
         s.pair_index_offset, s.pid_offset = index_off, pid_off
         index_off += s.num_pairs
         # Person ids of different sets are different people; without a manifest, leave a wide gap.
@@ -147,16 +186,6 @@ def load_train_sets(train_data: str, logger=None) -> list[ShardSet]:
 # Raw tar reading
 
 
-def iter_tar_samples(url: str, counter: "Tally", expected: int | None = None):
-    """The samples of one shard. A truncated or unreadable shard is counted (``truncated_shard``) and warned about,
-    not raised: one bad file must not kill a multi-day run, and the samples it lacked are refilled from the stream."""
-    def on_problem(u: str, problem: str) -> None:
-        if counter.add("truncated_shard", ("truncated", u)):
-            _warn(f"shard {u} is truncated or unreadable ({problem}); the rest of it is skipped")
-
-    return shards.iter_samples(url, on_problem, expected=expected)
-
-
 def _warn(msg: str) -> None:
     import sys
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
@@ -164,8 +193,8 @@ def _warn(msg: str) -> None:
 
 def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
     """(sample, set, pair index) at positions [start, end) of the sequence formed by ``order``; only overlapping
-    shards are read. The pair index is the pair's position in its set's fixed shard list + the set's offset.
-    A shard holding more samples than its count is read only up to the count (the rest would take others' keys)."""
+    shards are read (see read_shard). The pair index is the pair's position in its set's fixed shard list + the
+    set's offset."""
     pos = 0
     for sset, url, count, base in order:
         if pos + count <= start:
@@ -173,14 +202,49 @@ def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
             continue
         if pos >= end:
             break
-        i, stop = pos, min(end, pos + count)
-        for raw in iter_tar_samples(url, counter, expected=count):
-            if i >= stop:
-                break
-            if i >= start:
-                yield raw, sset, sset.pair_index_offset + base + i - pos
-            i += 1
+        yield from read_shard(sset, url, count, base, max(start, pos) - pos, min(end, pos + count) - pos, counter)
         pos += count
+
+
+def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int, counter: "Tally"):
+    """Samples [lo, hi) of one shard that sizes.json says holds ``count``, with their pair indices.
+
+    The plan's pairs are what sizes.json counted, so a shard that disagrees is caught here: one holding more samples
+    than its count is refused (the rest would go unread, or take other pairs' indices); pairs of [lo, hi) that cannot
+    be read (a shard missing, truncated or shorter than listed) are counted as lost, in pairs, against
+    --max-bad-samples-frac. A missing shard of a local set is an error at once: it was there when the run started."""
+    if not shards.is_url(url) and not os.path.exists(url):
+        raise DataError(f"--train-data shard {url} no longer exists (it was there at the start): {hi - lo} pairs of "
+                        f"the plan cannot be read; restore it and continue with --resume latest")
+    problems = []
+    samples = shards.iter_samples(url, lambda u, problem: problems.append(problem))
+    i = 0
+    for raw in samples:
+        if i >= hi:
+            if hi == count:
+                raise DataError(_more_than_listed(url, count, i + 1 + sum(1 for _ in samples)))
+            return
+        if i >= lo:
+            yield raw, sset, sset.pair_index_offset + base + i
+        i += 1
+    lost = hi - max(i, lo)
+    if lost <= 0:  # what is wrong lies beyond this range: the worker reading it counts it
+        return
+    # Python's tarfile stops silently at most truncations: a cut file, and a whole one that sizes.json over-counts,
+    # both read as fewer samples than listed
+    reason = "truncated_shard" if i or not problems else "unreadable_shard"
+    if counter.add(reason, ("lost", url), lost):
+        problem = problems[0] if problems else f"{i} samples where {shards.SIZES_FILE} lists {count}"
+        _warn(f"shard {url} is truncated or unreadable ({problem}): {lost} pairs of the plan in it are not read "
+              f"(counted against --max-bad-samples-frac); if the file is whole, its {shards.SIZES_FILE} is stale: "
+              f"python data_prep/make_shards.py index {shards.parent(url)}")
+
+
+def _more_than_listed(url: str, count: int, real: int) -> str:
+    return (f"--train-data shard {url} holds {real} samples where {shards.SIZES_FILE} lists {count}: the plan "
+            f"would leave {real - count} pairs unread; {shards.SIZES_FILE} is stale: rewrite it with python "
+            f"data_prep/make_shards.py index {shards.parent(url)} (a make_shards split: python "
+            f"data_prep/make_shards.py verify OUTPUT)")
 
 
 def global_pid(pid, sset: ShardSet) -> int:
@@ -380,61 +444,83 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield from group
 
     def _refilled(self, make, w: int, tag: tuple = ()):
-        """Shuffled passes over one fixed range: refills for unusable samples come from the next pass."""
+        """Shuffled passes over one fixed range: refills for unusable or lost pairs come from the next pass. Each item
+        comes with whether it is such a refill (a pair of the range met a second time), so that it is counted."""
         for p in range(1 << 30):
             got = 0
             for item in self._mix(make(), random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch,
                                                                  self.rank, w, p, *tag))):
                 got += 1
-                yield item
+                yield item, p > 0
             if got == 0:
                 raise DataError(f"rank {self.rank} worker {w}: its shard range{' of set ' + str(tag[0] - 1) if tag else ''}"
                                 f" yielded no sample in epoch {self.epoch} (every shard unreadable?)")
 
     def _raw(self, w: int, counter: "Tally"):
-        if self.cfg.weights is not None:
-            yield from self._mix(self._weighted_stream(w, counter),
-                                 random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w)))
+        if self.cfg.weights is not None:  # sampling with replacement: no draw is a refill
+            mixed = self._mix(self._weighted_stream(w, counter),
+                              random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w)))
+            yield from ((item, False) for item in mixed)
             return
         yield from self._refilled(lambda: self._concat_stream(w, counter), w)
 
-    # -- batches ---------------------------------------------------------------------------------------------------
-    def _batches(self, w: int):
-        """All batches of logical worker w for this epoch, as (batch_index, samples, bad Counter delta)."""
-        counter = Tally()
-        n_batches = worker_batches(self.n, self.num_workers, w)
+    def _source_streams(self, w: int, counter: "Tally"):
+        """j -> the stream batch j reads: the worker's one stream, or (debiased) one lazily opened stream per source,
+        batch j of the rank reading source plan[j]."""
         if self.plan is None:
             raw = self._raw(w, counter)
-        else:  # debiased: one lazily opened stream per source; batch j of the rank reads source plan[j]
-            streams = {}
+            return lambda j: raw
+        streams = {}
+
+        def of(j: int):
+            src = self.plan[w + j * self.num_workers]
+            if src not in streams:
+                streams[src] = self._refilled(lambda: self._debiased_stream(w, src, counter), w, (src + 1,))
+            return streams[src]
+        return of
+
+    # -- batches ---------------------------------------------------------------------------------------------------
+    def _batches(self, w: int):
+        """All batches of logical worker w for this epoch, as (batch_index, samples, counts): "bad", the unusable
+        samples and damaged shards by reason, and "data", the batch's share of the epoch's data counts: pairs of the
+        plan read, pairs of the plan lost (by reason: unusable sample, lost shard) and refills (pairs met again)."""
+        counter = Tally()
+        n_batches = worker_batches(self.n, self.num_workers, w)
         b = self.cfg.step_batch_size
+        stream_of = self._source_streams(w, counter)
         seen = bad = 0
         for j in range(n_batches):
-            if self.plan is not None:
-                src = self.plan[w + j * self.num_workers]
-                if src not in streams:
-                    streams[src] = self._refilled(
-                        lambda src=src: self._debiased_stream(w, src, counter), w, (src + 1,))
-                raw = streams[src]
-            samples = []
+            raw = stream_of(j)
+            samples, read = [], 0
             while len(samples) < b:
-                item, sset, pair_index = next(raw)
+                (item, sset, pair_index), refill = next(raw)
                 seen += 1
                 try:
                     samples.append((*self.decoder(item, sset, pair_index), sset.index))
+                    read += not refill
                 except _BadSample as e:
                     bad += 1
                     counter.add(e.reason, (item.get("__url__"), item.get("__key__")))
                     if bad > max(16, self.cfg.max_bad_frac * seen):
-                        hint = ("check them with: python data_prep/make_shards.py verify OUTPUT"
-                                if sset.is_make_shards_split else "list a shard's members with: tar tf SHARD | head")
-                        raise DataError(
-                            f"rank {self.rank} worker {w}: {bad} of {seen} samples read are unusable "
-                            f"({dict(counter.delta)}); the last, key {item.get('__key__')} of "
-                            f"{item.get('__url__')}: {e.reason}: {e.detail}; {hint}")
-            delta = Counter(counter.delta)
-            counter.delta.clear()
-            yield j, samples, delta
+                        raise DataError(self._unusable_message(w, bad, seen, counter, item, sset, e))
+                if counter.lost_total > max(16, self.cfg.max_bad_frac * n_batches * b):
+                    raise DataError(self._lost_message(w, counter, n_batches * b))
+            delta, lost = counter.drain()
+            yield j, samples, {"bad": dict(delta), "data": {"read": read, "refilled": b - read, "lost": dict(lost)}}
+
+    def _unusable_message(self, w: int, bad: int, seen: int, counter: "Tally", item: dict, sset: ShardSet,
+                          e: "_BadSample") -> str:
+        hint = ("check them with: python data_prep/make_shards.py verify OUTPUT"
+                if sset.is_make_shards_split else "list a shard's members with: tar tf SHARD | head")
+        return (f"rank {self.rank} worker {w}: {bad} of {seen} samples read are unusable ({dict(counter.delta)}); "
+                f"the last, key {item.get('__key__')} of {item.get('__url__')}: {e.reason}: {e.detail}; {hint}")
+
+    def _lost_message(self, w: int, counter: "Tally", planned: int) -> str:
+        return (f"rank {self.rank} worker {w}: {counter.lost_total} of the {planned} pairs of its share of epoch "
+                f"{self.epoch} cannot be read ({dict(counter.epoch_lost)}), more than --max-bad-samples-frac "
+                f"{self.cfg.max_bad_frac:g}: shards are gone, truncated or shorter than {shards.SIZES_FILE} says "
+                f"(the warnings above name them); restore them, or re-index a folder with python "
+                f"data_prep/make_shards.py index DIR")
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -442,12 +528,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         W = self.num_workers
         w = (physical + self.batch_in_epoch) % W
         skip = batches_done_by_worker(self.batch_in_epoch, W, w)
-        for j, samples, delta in self._batches(w):
+        for j, samples, counts in self._batches(w):
             if j < skip:
                 continue
-            yield self._collate(samples, delta, w, j)
+            yield self._collate(samples, counts, w, j)
 
-    def _collate(self, samples, delta, w: int, j: int) -> dict:
+    def _collate(self, samples, counts: dict, w: int, j: int) -> dict:
         # Augmentation is seeded per batch so that a resumed run draws the same flips and crops.
         torch.manual_seed(rng_seed(Stream.LOADER_AUGMENT, self.cfg.seed, self.epoch, self.rank, w, j))
         images = torch.stack([self.decoder.transform(im) for im, *_ in samples])
@@ -458,7 +544,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             "keys": torch.tensor([s[2] for s in samples], dtype=torch.long),
             "pids": torch.tensor([s[3] for s in samples], dtype=torch.long),
             "sources": torch.tensor([s[4] for s in samples], dtype=torch.long),
-            "bad": dict(delta),
+            **counts,
         }
 
 

@@ -32,20 +32,24 @@ class TrainState:
 
 
 class Tallies:
-    """This rank's unusable samples by reason and pairs read per source set. The checkpoint keeps every rank's
-    (``state_dict`` is a collective: every rank calls it), and summary.json their sum."""
+    """This rank's unusable samples by reason, pairs read per source set, and per epoch the data counts of the plan
+    (:func:`add_data_counts`). The checkpoint keeps every rank's (``state_dict`` is a collective: every rank calls
+    it), and summary.json their sum."""
 
     def __init__(self):
         self.bad_samples, self.source_counts = Counter(), Counter()
+        self.epochs: dict[int, dict] = {}
 
-    def count(self, batch: dict) -> None:
+    def count(self, batch: dict, epoch: int) -> None:
         self.bad_samples.update(batch.get("bad", {}))
         self.source_counts.update(batch["sources"].tolist())
+        add_data_counts(self.epochs.setdefault(epoch, empty_data_counts()), batch["data"])
 
     def state_dict(self) -> list[dict]:
         """Every rank's counts as plain dicts with string keys."""
         return dist_utils.all_gather_object({"bad": dict(self.bad_samples),
-                                             "sources": {str(k): v for k, v in self.source_counts.items()}})
+                                             "sources": {str(k): v for k, v in self.source_counts.items()},
+                                             "epochs": {str(k): v for k, v in self.epochs.items()}})
 
     def load_state_dict(self, per_rank: list[dict]) -> None:
         # Written by another number of ranks: the counts cannot be split back onto ranks, so they start again.
@@ -54,6 +58,43 @@ class Tallies:
         mine = per_rank[dist_utils.rank()]
         self.bad_samples = Counter(mine["bad"])
         self.source_counts = Counter({int(k): v for k, v in mine["sources"].items()})
+        self.epochs = {int(k): v for k, v in mine.get("epochs", {}).items()}  # none before the counts existed
+
+
+def empty_data_counts() -> dict:
+    """One epoch's data counts: pairs of the plan read, pairs of the plan lost by reason (an unusable sample; a
+    shard gone, truncated or shorter than sizes.json), and refills (pairs of a worker's range met a second time to
+    keep its batches full, as many as were lost once the range has been read)."""
+    return {"read": 0, "lost": {}, "refilled": 0}
+
+
+def add_data_counts(into: dict, counts: dict) -> None:
+    into["read"] += counts["read"]
+    into["refilled"] += counts["refilled"]
+    for reason, n in counts["lost"].items():
+        into["lost"][reason] = into["lost"].get(reason, 0) + n
+
+
+def data_counts(per_rank: list[dict]) -> dict[str, dict]:
+    """Every rank's per-epoch data counts (``Tallies.state_dict()``), summed: {epoch: counts}."""
+    out: dict[str, dict] = {}
+    for r in per_rank:
+        for epoch, counts in r.get("epochs", {}).items():
+            add_data_counts(out.setdefault(epoch, empty_data_counts()), counts)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def not_read(counts: list[dict]) -> str | None:
+    """'N of M pairs of the plan were not read (reason n, ...)' over the given epochs' counts; None when none was
+    lost."""
+    lost = Counter()
+    for c in counts:
+        lost.update(c["lost"])
+    if not sum(lost.values()):
+        return None
+    planned = sum(c["read"] for c in counts) + sum(lost.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(lost.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{sum(lost.values())} of {planned} pairs of the plan were not read ({reasons})"
 
 
 class ProcessRng:

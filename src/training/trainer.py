@@ -34,7 +34,7 @@ from training.logger import RunLogger
 from training.objective import Objective, TrainModule, draw_mix
 from training.optim import build_optimizer, lr_at, set_lr
 from training.run_dir import RunFolder
-from training.state import ProcessRng, Tallies, TrainState
+from training.state import ProcessRng, Tallies, TrainState, data_counts, not_read
 from training.step import NonFiniteError, train_step, unwrap
 
 
@@ -94,7 +94,7 @@ class Trainer:
     def _data_sets(self):
         cfg, log = self.cfg, self.logger.info
         try:
-            sets = load_train_sets(cfg.data.train_data, logger=log)
+            sets = load_train_sets(cfg.data.train_data, logger=log, allow_partial=cfg.data.allow_partial_data)
         except DataError as e:
             raise SystemExit(f"error: {e}")
         total = self.total_pairs = sum(s.num_pairs for s in sets)
@@ -105,6 +105,8 @@ class Trainer:
             log(f"data set {s.index}: {s.spec} | {len(s.urls)} shards | {s.num_pairs} pairs | "
                 f"keys {s.pair_index_offset}..{s.pair_index_offset + s.num_pairs - 1}"
                 + ("" if s.is_make_shards_split else " | not a make_shards split: no person ids, json optional"))
+            for what in s.partial:
+                self.logger.warning(f"data set {s.index}: partial (--allow-partial-data): {what}")
         if cfg.loss.id_positives or cfg.data.loader.pairs_per_id:
             for s in sets:
                 if not s.is_make_shards_split:  # said once here, not per step: such pairs simply have no other positive
@@ -291,6 +293,7 @@ class Trainer:
             self.logger.warning(str(e))
             status, code = "stopped: non-finite", 3
         except DataError as e:
+            self.checkpointer.save()  # as at any stop: --resume latest continues once the data is repaired
             # raised in a loader worker, the message carries the worker's traceback: the last line is ours
             error = str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1] if "Original Traceback" in str(e) \
                 else str(e)
@@ -301,14 +304,34 @@ class Trainer:
             # The summary is a collective (counts summed over ranks), so it is written only when every rank knows
             # how the run ended; after an unexpected exception a rank may be gone.
             if status is not None:
-                progress = {"epoch": self.stream.epoch, "batch_in_epoch": self.stream.batch_in_epoch,
-                            **self.state.state_dict()}
-                self.folder.write_summary(status, progress, self.tallies.state_dict())
+                self._write_summary(status, self.tallies.state_dict())
         if error is not None:
             raise SystemExit(f"error: {error}")
         if status == "finished" and self.denv.is_main:  # the last epoch as an open_clip model folder
             log(f"open_clip model folder: {export_run(self.folder.path)}")
         return code
+
+    def _write_summary(self, status: str, per_rank: list[dict]) -> None:
+        """summary.json: how the run ended, its counters, and per epoch the pairs of the plan read, lost and refilled;
+        a finished run that lost pairs or trained on a partial split says so in its status."""
+        epochs = data_counts(per_rank)
+        partial = [what for s in self.sets for what in s.partial]
+        lost = not_read(list(epochs.values()))
+        notes = ([lost] if lost else []) + ([f"partial --train-data ({'; '.join(partial)})"] if partial else [])
+        if status == "finished" and notes:
+            status = f"finished: {'; '.join(notes)}"
+        progress = {"epoch": self.stream.epoch, "batch_in_epoch": self.stream.batch_in_epoch,
+                    **self.state.state_dict(), "data": epochs, **({"partial_data": partial} if partial else {})}
+        self.folder.write_summary(status, progress, per_rank)
+
+    def _log_epoch_data(self, epoch: int) -> None:
+        """The epoch's data counts, summed over ranks (a collective: every rank ends the epoch here)."""
+        counts = data_counts(self.tallies.state_dict()).get(str(epoch))
+        if counts is None:  # resumed after the epoch's last batch: nothing of it was counted here
+            return
+        lost = not_read([counts])
+        self.logger.info(f"epoch {epoch} data: {counts['read']} pairs of the plan read"
+                         + (f"; {lost}; {counts['refilled']} pairs read twice to fill the batches" if lost else ""))
 
     def _epoch(self) -> bool:
         """The rest of the stream's epoch and what the observers do at its end; False: stop now."""
@@ -321,6 +344,7 @@ class Trainer:
                           unit="batch", leave=False, dynamic_ncols=True)
         if not self._train_epoch(loader):
             return False
+        self._log_epoch_data(stream.epoch)
         stream.set_epoch(stream.epoch + 1)
         for obs in self.observers:
             obs.epoch_done(stream.epoch, self.state.global_step)
@@ -339,7 +363,7 @@ class Trainer:
             skipped, metrics = self._step(batch)
             done = StepDone(stream.epoch, stream.batch_in_epoch, state.global_step, stream.n, batch["keys"], metrics,
                             data_time, time.perf_counter() - t0, batch["images"].shape[0] * self.denv.world_size)
-            self.tallies.count(batch)
+            self.tallies.count(batch, stream.epoch)
             state.global_step += 1
             stream.advance()
             self._count_nonfinite(skipped, metrics)
