@@ -146,3 +146,23 @@ def test_a_resumed_run_keeps_the_epochs_data_counts(tmp_path, stop_at):
     summary = _summary(tmp_path / "cut")
     assert summary["status"] == "finished: 8 of 136 pairs of the plan were not read (truncated_shard 8)"
     assert summary["data"] == {"0": {"read": 128, "lost": {"truncated_shard": 8}, "refilled": 8}}
+
+
+@pytest.mark.slow
+def test_a_data_error_on_one_rank_stops_every_rank_at_the_same_batch(tmp_path):
+    """Ranks read different shards, so one rank's loader can fail while the others hold good batches. Before, that
+    rank stopped and saved (collectives) while the others waited in the step's all-reduce: a hang or a crash. Now
+    every rank raises the failing rank's error before the same step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(root / "tests" / "dist_agree_worker.py"), str(tmp_path / "out")],
+                       env={**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}"}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads((tmp_path / f"out.rank{k}.json").read_text()) for k in (0, 1)]
+    assert [g["seen"] for g in got] == [[0, 1], [0, 1]]  # no rank trains the step the other cannot
+    assert got[1]["error"] == "--train-data shard /x/train-000003.tar no longer exists"
+    assert got[0]["error"] == "rank 1: --train-data shard /x/train-000003.tar no longer exists"

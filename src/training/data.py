@@ -556,6 +556,34 @@ def build_train_loader(stream: TrainStream, pin_memory: bool) -> torch.utils.dat
         worker_init_fn=_init_loader_worker if W > 0 else None)
 
 
+def agreed_batches(loader, device: torch.device):
+    """The loader's batches, with a data error agreed by every rank before the step it would break: ranks read
+    different shards, so one rank's loader can fail (a shard gone, a sizes.json that lies) while the others hold good
+    batches. Alone, that rank would stop and save while the others wait in the step's all-reduce: mismatched
+    collectives, a hang or a crash. Here every rank reports whether its batch came (one all-reduce of a flag per
+    step), and on a failure anywhere all ranks raise the lowest failing rank's DataError at the same batch, so they
+    write latest.pt together and print the same error line."""
+    from training import distributed as dist_utils
+    batches = iter(loader)
+    while True:
+        try:
+            batch, error = next(batches), None
+        except StopIteration:
+            return
+        except DataError as e:
+            batch, error = None, e
+        if dist_utils.is_dist():
+            failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+            dist_utils.all_reduce_sum(failed)
+            if failed.item() > 0:
+                messages = dist_utils.all_gather_object(None if error is None else str(error))
+                rank, first = next((r, m) for r, m in enumerate(messages) if m is not None)
+                error = error or DataError(first if rank == 0 else f"rank {rank}: {first}")
+        if error is not None:
+            raise error
+        yield batch
+
+
 def _init_loader_worker(_worker_id: int) -> None:
     """A forked loader worker: the main process decides when it ends (stop signals are the main process's), and it
     must not hold the run's lock (a SIGKILLed trainer's lingering workers would keep its own resume out)."""

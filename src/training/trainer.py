@@ -28,7 +28,8 @@ from common.transforms import build_transform, clean_caption
 from training import stop
 from training.checkpoint import CheckpointError, Checkpointer
 from training.config import TrainConfig
-from training.data import DataError, SampleDecoder, TrainStream, build_train_loader, load_train_sets
+from training.data import (DataError, SampleDecoder, TrainStream, agreed_batches, build_train_loader,
+                           load_train_sets)
 from training.observers import Checkpoints, KeyAudit, Profile, StepDone, StepLog, Validation
 from training.logger import RunLogger
 from training.objective import Objective, TrainModule, draw_mix
@@ -356,7 +357,7 @@ class Trainer:
         o, state, stream = self.cfg.optim, self.state, self.stream
         self.train_model.train()
         t_data = time.perf_counter()
-        for batch in loader:
+        for batch in agreed_batches(loader, self.denv.device):
             if stream.batch_in_epoch >= stream.n:
                 break
             data_time, t0 = time.perf_counter() - t_data, time.perf_counter()
