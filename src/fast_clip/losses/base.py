@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from common import collectives as dist_utils
+from common.runs import CheckpointError
 from fast_clip.losses.config import STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
 from fast_clip.losses.rules import RULES, Rules
 from fast_clip.schedules import warmup_cosine
@@ -78,6 +79,38 @@ class ContrastiveLoss(nn.Module):
             ls = torch.as_tensor(logit_scale, device=device)
             return 1.0 / ls.to(dtype).reshape(())
         return torch.tensor(float(self.cfg.temperature), dtype=dtype, device=device)
+
+    # -------------------------------------------------------------- the checkpoint's record of the settings
+    def recorded_settings(self) -> dict:
+        """{flag: value} of the settings that give this loss's saved state its meaning; the checkpoint keeps them
+        (get_extra_state) and resuming under other values is refused (set_extra_state). The loss itself: its variant
+        decides which tables exist and what they estimate. (The InfoNCE family keeps only the epoch / gamma scalars,
+        recomputed every epoch, and the lr_tau latch of the exact rules it always uses; its record still names the
+        loss, so that a resumed run is one loss throughout, as its params.json says.)"""
+        return {"--loss": self.cfg.loss}
+
+    def get_extra_state(self) -> dict:
+        return {"settings": self.recorded_settings()}
+
+    def set_extra_state(self, state) -> None:
+        saved = state.get("settings") if isinstance(state, dict) else None
+        if saved is None:
+            self._check_unrecorded()
+            return
+        for flag, mine in self.recorded_settings().items():
+            theirs = saved.get(flag, "(not recorded)")
+            if theirs != mine:
+                raise CheckpointError(f"{flag}: the loss state was written with {flag} {theirs}, this run has "
+                                      f"{flag} {mine}; resume with {flag} {theirs}, or start a new --name "
+                                      f"(--pretrained takes its weights)")
+
+    def _check_unrecorded(self) -> None:
+        """A checkpoint written before the record: resumed under this run's settings. The strict load has already
+        checked what its tables show (their names: the loss and scheme; their length: --data_size)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "_extra_state", None)  # no record (older checkpoints): _check_unrecorded
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"loss={self.cfg.loss!r}, scheme={self.cfg.temperature_scheme!r}"
