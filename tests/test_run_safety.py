@@ -151,11 +151,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_latest_prev_still_loads
 def test_old_checkpoints_without_the_loss_record_still_load_unless_their_tables_show_other_rules():
     from fast_clip.losses import LossConfig, build_loss
 
-    official = build_loss(LossConfig.from_name("fastclip-v2"), data_size=8)
+    official = build_loss(LossConfig.from_name("fastclip-v2"), data_size=8).checkpoint_component()
     saved = official.state_dict()
-    assert saved["_extra_state"]["settings"]["--fastclip_rules"] == "official"
-    del saved["_extra_state"]  # as written before the record
-    exact = build_loss(LossConfig.from_name("fastclip-v2", fastclip_rules="exact"), data_size=8)
+    assert saved["settings"]["--fastclip_rules"] == "official"
+    del saved["settings"]  # as written before the record
+    exact = build_loss(LossConfig.from_name("fastclip-v2", fastclip_rules="exact"), data_size=8).checkpoint_component()
     exact.load_state_dict(saved)  # all-zero bounds: u is unshifted, the same under both rule sets
     saved["bound1"] = torch.full((8,), 3.0)  # only the official rules shift: u is in units of exp(-bound)
     with pytest.raises(CheckpointError, match="--fastclip_rules: the loss state was written with --fastclip_rules "

@@ -28,7 +28,7 @@ import torch
 PARAMS, SUMMARY, OUT_LOG, TRAIN_LOG = "params.json", "summary.json", "out.log", "train_log.jsonl"
 CHECKPOINTS, LATEST, LATEST_PREV = "checkpoints", "latest.pt", "latest_prev.pt"
 LOCK = ".lock"  # training/runlock.py's flock, held by the run's live writer
-# Written in place (appended, or truncated for the lock), not replaced: a symbolic link at one of these names is refused.
+# Written in place (appended, or truncated for the lock), not replaced: a symbolic link there is refused.
 IN_PLACE = (OUT_LOG, TRAIN_LOG, LOCK)
 EVAL_DIR, ONNX_DIR = "eval", "onnx"
 # What evaluation and export read from a checkpoint; a weights-only epoch file holds just these.

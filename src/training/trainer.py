@@ -221,9 +221,9 @@ class Trainer:
     def _checkpointer(self) -> Checkpointer:
         cfg = self.cfg
         components = {
-            # The loss first: its record names a changed loss setting, where the optimizer's groups or the tables'
-            # shapes would only show a consequence of it.
-            "loss": self.loss_fn, "state_dict": self.model, "optimizer": self.optimizer,
+            # The loss (with the record of its settings) first: it names a changed loss setting, where the
+            # optimizer's groups would only show a consequence of it.
+            "loss": self.loss_fn.checkpoint_component(), "state_dict": self.model, "optimizer": self.optimizer,
             "id_head": self.id_head,  # beside (not inside) state_dict so that open_clip still loads a plain model
             "scaler": None,  # bf16 autocast needs no loss scaler; the slot keeps the format stable
             "train_state": self.state, "data": self.stream, "per_rank_counts": self.tallies,

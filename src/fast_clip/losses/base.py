@@ -83,20 +83,13 @@ class ContrastiveLoss(nn.Module):
     # -------------------------------------------------------------- the checkpoint's record of the settings
     def recorded_settings(self) -> dict:
         """{flag: value} of the settings that give this loss's saved state its meaning; the checkpoint keeps them
-        (get_extra_state) and resuming under other values is refused (set_extra_state). The loss itself: its variant
-        decides which tables exist and what they estimate. (The InfoNCE family keeps only the epoch / gamma scalars,
-        recomputed every epoch, and the lr_tau latch of the exact rules it always uses; its record still names the
-        loss, so that a resumed run is one loss throughout, as its params.json says.)"""
+        beside the state (:class:`CheckpointedLoss`) and resuming under other values is refused. The loss itself: its
+        variant decides which tables exist and what they estimate. (The InfoNCE family keeps only the epoch / gamma
+        scalars, recomputed every epoch, and the lr_tau latch of the exact rules it always uses; its record still
+        names the loss, so that a resumed run is one loss throughout, as its params.json says.)"""
         return {"--loss": self.cfg.loss}
 
-    def get_extra_state(self) -> dict:
-        return {"settings": self.recorded_settings()}
-
-    def set_extra_state(self, state) -> None:
-        saved = state.get("settings") if isinstance(state, dict) else None
-        if saved is None:
-            self._check_unrecorded()
-            return
+    def check_settings(self, saved: dict) -> None:
         for flag, mine in self.recorded_settings().items():
             theirs = saved.get(flag, "(not recorded)")
             if theirs != mine:
@@ -104,13 +97,35 @@ class ContrastiveLoss(nn.Module):
                                       f"{flag} {mine}; resume with {flag} {theirs}, or start a new --name "
                                       f"(--pretrained takes its weights)")
 
-    def _check_unrecorded(self) -> None:
-        """A checkpoint written before the record: resumed under this run's settings. The strict load has already
-        checked what its tables show (their names: the loss and scheme; their length: --data_size)."""
+    def check_unrecorded(self) -> None:
+        """After loading a checkpoint written before the record: it resumes under this run's settings. The strict
+        load has already checked what its tables show (their names: the loss and scheme; their length:
+        --data_size)."""
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "_extra_state", None)  # no record (older checkpoints): _check_unrecorded
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def checkpoint_component(self) -> "CheckpointedLoss":
+        return CheckpointedLoss(self)
 
     def extra_repr(self) -> str:
         return f"loss={self.cfg.loss!r}, scheme={self.cfg.temperature_scheme!r}"
+
+
+class CheckpointedLoss:
+    """The loss as a Checkpointer component: its state_dict() plus, under ``settings``, the settings that state
+    means something under. The module's own state_dict stays tensors only; the record is checked before a tensor is
+    loaded, so a changed setting is named rather than shown by a table's shape or the optimizer's groups."""
+    KEY = "settings"
+
+    def __init__(self, loss: ContrastiveLoss):
+        self.loss = loss
+
+    def state_dict(self) -> dict:
+        return {**self.loss.state_dict(), self.KEY: self.loss.recorded_settings()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        saved = dict(saved)
+        settings = saved.pop(self.KEY, None)
+        if settings is not None:
+            self.loss.check_settings(settings)
+        self.loss.load_state_dict(saved)
+        if settings is None:
+            self.loss.check_unrecorded()

@@ -152,7 +152,7 @@ class GCLLoss(ContrastiveLoss):
             out["--temperature"] = float(cfg.temperature)
         return out
 
-    def _check_unrecorded(self) -> None:
+    def check_unrecorded(self) -> None:
         # Only the official rules shift (non-zero bounds): such a state read by the exact rules is misread.
         if self.individual and not self.shifted and bool((self.bound1 != 0).any() or (self.bound2 != 0).any()):
             raise CheckpointError("--fastclip_rules: the loss state was written with --fastclip_rules official (u in "
