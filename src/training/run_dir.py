@@ -66,8 +66,16 @@ class RunFolder:
     def start(self, flags: dict) -> None:
         """The run is built and resumed: from here on it writes its folder, params.json first."""
         self.started = True
-        if dist_utils.is_main():
-            runs.write_json(os.path.join(self.path, runs.PARAMS), flags)
+        self.write_json(runs.PARAMS, flags)
+
+    def write_json(self, name: str, obj) -> None:
+        """(rank 0) One of the run's JSON files, atomically; a full disk is one error line."""
+        if not dist_utils.is_main():
+            return
+        try:
+            runs.write_json(os.path.join(self.path, name), obj)
+        except runs.CheckpointError as e:
+            raise SystemExit(f"error: {e}; free space, then --resume latest") from e
 
     def fresh_start_note(self) -> str:
         """What --resume latest says when there is nothing to resume: plainly whether the run folder is new, and the
@@ -94,7 +102,7 @@ class RunFolder:
             sources.update(r["sources"])
         bad, sources = dict(bad), dict(sources)
         summary = {"status": status, **progress, "bad_samples": bad, "source_counts": sources}
-        runs.write_json(os.path.join(self.path, runs.SUMMARY), summary)
+        self.write_json(runs.SUMMARY, summary)
         print(json.dumps({"status": status, "steps": progress["global_step"], "skipped_samples": bad,
                           "nonfinite_steps": progress["nonfinite_total"]}), flush=True)
 
@@ -107,8 +115,8 @@ class RunFolder:
             with runs.open_run_file(os.path.join(self.path, runs.OUT_LOG)) as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | FATAL {message.rstrip()}\n")
             path = os.path.join(self.path, runs.SUMMARY)
-            if not self.started and os.path.lexists(path):
-                return  # a refused start (resume): the summary stays that of the run which wrote it
+            if not self.started and holds_a_run(self.path):
+                return  # a refused start (resume): the summary stays that of the run which wrote the checkpoints
             summary = runs.read_json(path) if os.path.isfile(path) else {}
             summary.setdefault("status", "failed")
             summary["error"] = message.rstrip().splitlines()[-1]

@@ -14,7 +14,6 @@ checkpoints, validation).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -22,7 +21,6 @@ import torch
 
 from fast_clip.losses import build_loss
 from fast_clip.model import create_model, default_image_size, get_tokenizer
-from common.runs import write_json
 from common.seeding import Stream, rng_seed
 from common.transforms import build_transform, clean_caption
 from training import stop
@@ -94,12 +92,12 @@ class Trainer:
         if path is not None:
             self.logger.info(f"resumed from {path}: epoch {self.stream.epoch}, batch {self.stream.batch_in_epoch}, "
                              f"step {self.state.global_step}")
-        elif cfg.run.resume == "latest":
+        elif cfg.run.resume == "latest" and self.denv.is_main:  # the run folder is rank 0's (one node)
             self.logger.info(self.folder.fresh_start_note())
         self.folder.start({**cfg.flags, "name": self.folder.name, "run_dir": self.folder.path,
                            "image_size": cfg.model.image_size})
-        if self.ref_report is not None and self.denv.is_main:
-            write_json(os.path.join(self.folder.path, "init_from_ref.json"), self.ref_report)
+        if self.ref_report is not None:
+            self.folder.write_json("init_from_ref.json", self.ref_report)
 
     # ---------------------------------------------------------------------------------------------------- build
 
