@@ -110,7 +110,8 @@ def test_failed_checkpoint_write_leaves_previous_valid(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(runs.CheckpointError, match="^no space left on device while writing latest.pt; latest_prev.pt "
+                                                   "is intact; free space and --resume latest$"):
         runs.save_latest({"state_dict": {"w": torch.zeros(3)}, "step": 2}, d)
     monkeypatch.setattr(torch, "save", real_save)
     assert not any(".tmp" in n for n in os.listdir(d))  # no half-written file left behind

@@ -147,21 +147,29 @@ def test_keep_last_k_and_weights_only_epoch_files_still_evaluate_and_resume(shar
     assert runs.load_latest(str(ck))[1].endswith("latest.pt")
     (ck / "latest.pt").unlink()
     (ck / "latest_prev.pt").unlink(missing_ok=True)
-    assert runs.load_latest(str(ck)) is None
+    with pytest.raises(runs.CheckpointError, match=r"only epoch_3.pt \(weights only\), epoch_2.pt \(weights only\)"):
+        runs.load_latest(str(ck))
+    assert runs.load_latest(str(tmp_path / "nowhere")) is None
 
 
-@pytest.mark.parametrize("change", [["--loss", "isogclr"], ["--data_size", "500"]])
-def test_resuming_with_other_loss_or_data_size_is_one_error_line(shards, tmp_path, change):
+@pytest.mark.parametrize("flag,value,saved", [("--loss", "isogclr", "fastclip-v3"), ("--data_size", "500", "64"),
+                                              ("--fastclip_rules", "exact", "official")])
+def test_resuming_with_another_loss_setting_is_one_error_line_naming_the_flag(shards, tmp_path, flag, value, saved):
+    """The checkpoint records the settings its loss state depends on: another rule set (official u is stored in units
+    of exp(-bound), which the exact rules misread) is refused like another loss or table size."""
     from training.main import main
 
     assert main(_common(shards, tmp_path, "r", "--max-steps", 2)) == 0
     args = _common(shards, tmp_path, "r", "--resume", "latest")
-    if change[0] == "--loss":
-        args[args.index("--loss") + 1] = change[1]
+    if flag in args:
+        args[args.index(flag) + 1] = value
     else:
-        args += change
-    with pytest.raises(SystemExit, match=r"does not fit this run .*were --model, --loss, --train-data or --data_size"):
+        args += [flag, value]
+    with pytest.raises(SystemExit) as e:
         main(args)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert f"{flag}: the loss state was written with {flag} {saved}, this run has {flag} {value}" in msg, msg
 
 
 def test_pretrained_of_another_architecture_is_one_error_line(tmp_path, capsys):

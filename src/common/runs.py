@@ -17,6 +17,7 @@ pickled code is refused instead of run. Every problem with a run folder, checkpo
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -28,6 +29,9 @@ import torch
 
 PARAMS, SUMMARY, OUT_LOG, TRAIN_LOG = "params.json", "summary.json", "out.log", "train_log.jsonl"
 CHECKPOINTS, LATEST, LATEST_PREV = "checkpoints", "latest.pt", "latest_prev.pt"
+LOCK = ".lock"  # training/runlock.py's flock, held by the run's live writer
+# Written in place (appended, or truncated for the lock), not replaced: a symbolic link there is refused.
+IN_PLACE = (OUT_LOG, TRAIN_LOG, LOCK)
 EVAL_DIR, ONNX_DIR, OPEN_CLIP_DIR = "eval", "onnx", "open_clip"
 # An open_clip model folder: open_clip's config file in it, named to open_clip as local-dir:DIR.
 OPEN_CLIP_CONFIG, LOCAL_DIR = "open_clip_config.json", "local-dir:"
@@ -149,26 +153,57 @@ def trained_model(obj) -> tuple[str, list] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------- saving
+def open_run_file(path: str, mode: str = "a"):
+    """A run-folder file opened for writing in place (out.log, train_log.jsonl, .lock; "a" or "a+"), never through a
+    symbolic link: a link planted in a run folder would otherwise append to, or truncate, whatever it points at."""
+    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path!r} is a symbolic link; a run folder's files are written in place, never "
+                                  f"through a link: remove it") from e
+        raise
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
 def _atomic_write(path: str, write) -> None:
     """``write(f)`` to a temporary file in the same folder, flushed and fsync'ed, renamed over ``path``, then the
-    folder fsync'ed: a crash at any moment leaves either the old file or the new one, never a torn file."""
+    folder fsync'ed: a crash at any moment leaves either the old file or the new one, never a torn file. The rename
+    replaces a link at ``path`` itself, and the temporary file is created anew (O_EXCL, O_NOFOLLOW): no write
+    follows a symbolic link. A full disk is a :class:`CheckpointError` that says so."""
     d = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        if os.path.lexists(tmp):  # left by a crashed process of the same pid, or planted: unlinked, not followed
+            os.remove(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if os.path.lexists(tmp):
             os.remove(tmp)
+        if _disk_full(e):
+            raise CheckpointError(f"no space left on device while writing {os.path.basename(path)}") from e
         raise
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """torch.save turns the file's OSError(ENOSPC) into 'unexpected pos A vs B'; the OSError is in its context."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def atomic_save(obj, path: str) -> None:
@@ -180,7 +215,11 @@ def save_latest(obj: dict, ckpt_dir: str) -> str:
     path = os.path.join(ckpt_dir, LATEST)
     if os.path.exists(path):
         os.replace(path, os.path.join(ckpt_dir, LATEST_PREV))
-    atomic_save(obj, path)
+    try:
+        atomic_save(obj, path)
+    except CheckpointError as e:
+        kept = f"; {LATEST_PREV} is intact" if os.path.isfile(os.path.join(ckpt_dir, LATEST_PREV)) else ""
+        raise CheckpointError(f"{e}{kept}; free space and --resume latest") from e
     return path
 
 
@@ -206,15 +245,25 @@ def candidates(ckpt_dir: str) -> list[str]:
 
 
 def load_latest(ckpt_dir: str, warn=print) -> tuple[dict, str] | None:
-    """The newest readable checkpoint that can resume; a corrupt one is reported and the previous one used."""
+    """The newest readable checkpoint that can resume; a corrupt one is reported and the previous one used. None
+    when the folder holds no checkpoint at all; a :class:`CheckpointError` naming them when it holds only ones that
+    cannot resume (a fresh start would silently drop the run, and keep-last-k then delete its epoch files)."""
+    unusable = []
     for path in candidates(ckpt_dir):
         try:
             ckpt = load(path)
         except CheckpointError as e:
             warn(f"WARNING: {e}; trying an older checkpoint")
+            unusable.append(f"{os.path.basename(path)} (unreadable)")
             continue
         if not ckpt.get("weights_only"):  # weights-only epoch files cannot resume
             return ckpt, path
+        unusable.append(f"{os.path.basename(path)} (weights only)")
+    if unusable:
+        raise CheckpointError(
+            f"--resume latest: {ckpt_dir} holds no checkpoint that can resume, only {', '.join(unusable)}; nothing "
+            f"was started or deleted. Start a new --name (--pretrained PATH takes a weights-only file's weights), or "
+            f"move these files away to start this run afresh")
     return None
 
 

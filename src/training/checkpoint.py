@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-from common.runs import (CheckpointError, atomic_save, epoch_name, keep_last_epochs, load, load_latest, save_latest,
-                         weights_only)
+from common.runs import (LATEST, CheckpointError, atomic_save, epoch_name, keep_last_epochs, load, load_latest,
+                         save_latest, weights_only)
 from training import distributed as dist_utils
 
 
@@ -34,25 +34,37 @@ class Checkpointer:
     def save(self, epoch_file: int | None = None) -> None:
         """latest.pt, and epoch_N.pt when ``epoch_file`` is N."""
         obj = self.state_dict()
-        if dist_utils.is_main():
-            save_latest(obj, self.ckpt_dir)
-            if epoch_file is not None:
-                if self.epoch_weights_only:
-                    obj = weights_only(obj)
-                atomic_save(obj, os.path.join(self.ckpt_dir, epoch_name(epoch_file)))
-                if self.keep_last_k:
-                    keep_last_epochs(self.ckpt_dir, self.keep_last_k)
-        dist_utils.barrier()
+        problem = self._write(obj, epoch_file) if dist_utils.is_main() else None
+        problem = dist_utils.broadcast_object(problem)  # every rank stops, none waits in a barrier for rank 0
+        if problem is not None:
+            raise SystemExit(f"error: {problem}")
 
-    def resume(self, resume: str | None, log, warn) -> str | None:
+    def _write(self, obj: dict, epoch_file: int | None) -> str | None:
+        """Rank 0's files; what went wrong (a full disk), in one line, or None."""
+        try:
+            save_latest(obj, self.ckpt_dir)
+        except CheckpointError as e:
+            return str(e)
+        if epoch_file is None:
+            return None
+        try:
+            atomic_save(weights_only(obj) if self.epoch_weights_only else obj,
+                        os.path.join(self.ckpt_dir, epoch_name(epoch_file)))
+        except CheckpointError as e:
+            return f"{e}; {LATEST} (this step) is intact; free space and --resume latest"
+        if self.keep_last_k:
+            keep_last_epochs(self.ckpt_dir, self.keep_last_k)
+        return None
+
+    def resume(self, resume: str | None, warn) -> str | None:
         """Load every component and return the checkpoint's path, or None for a fresh start: ``resume`` is None,
-        'latest' (the newest readable checkpoint of this run, or a fresh start when there is none yet) or a path."""
+        'latest' (the newest checkpoint of this run that can resume; a fresh start when the run has none at all, an
+        error when it has only unusable ones) or a path."""
         if resume is None:
             return None
         if resume == "latest":
             found = load_latest(self.ckpt_dir, warn=warn)
             if found is None:
-                log(f"--resume latest: no checkpoint in {self.ckpt_dir} yet, starting fresh")
                 return None
             ckpt, path = found
         else:
@@ -69,6 +81,8 @@ class Checkpointer:
             raise CheckpointError(f"{path} has no {key!r}: " + self.absent.get(key, "not a training checkpoint"))
         try:
             component.load_state_dict(ckpt[key])
+        except CheckpointError as e:  # a component that names what differs (the loss's recorded settings)
+            raise CheckpointError(f"{path}: {e}") from e
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()
             detail = "; ".join(x.strip() for x in first[1:3]) or first[0]

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from common.runs import OUT_LOG, TRAIN_LOG
+from common.runs import OUT_LOG, TRAIN_LOG, open_run_file
 
 
 class RunLogger:
@@ -18,8 +18,8 @@ class RunLogger:
         self._jsonl = None
         if not enabled:
             return
-        self._file = open(os.path.join(run_dir, OUT_LOG), "a", encoding="utf-8")
-        self._jsonl = open(os.path.join(run_dir, TRAIN_LOG), "a", encoding="utf-8")
+        self._file = open_run_file(os.path.join(run_dir, OUT_LOG))
+        self._jsonl = open_run_file(os.path.join(run_dir, TRAIN_LOG))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))

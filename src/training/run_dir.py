@@ -18,6 +18,10 @@ class RunFolder:
     def __init__(self, path: str, name: str):
         self.path, self.name = path, name
         self.ckpt_dir = os.path.join(path, runs.CHECKPOINTS)
+        self.existed = False  # (rank 0) the folder was there before this claim
+        # Set once the run is built and resumed: before that, a refused start leaves the folder's files as they were
+        # (params.json and summary.json keep describing the run that wrote the checkpoints).
+        self.started = False
 
     @classmethod
     def claim(cls, run: RunConfig) -> "RunFolder":
@@ -33,7 +37,12 @@ class RunFolder:
         return folder
 
     def _claim(self, resume: str | None) -> str | None:
-        held = holds_a_run(self.path) if os.path.isdir(self.path) else None
+        self.existed = os.path.isdir(self.path)
+        links = [n for n in runs.IN_PLACE if os.path.islink(os.path.join(self.path, n))]
+        if links:  # they are appended to or truncated in place: a link would carry the writes to its target
+            return (f"{self.path} holds symbolic link(s) {', '.join(links)}; a run folder's files are written in "
+                    f"place, never through a link: remove them")
+        held = holds_a_run(self.path) if self.existed else None
         if held and resume is None:
             # open_clip's rule: an experiment name is not reused by accident (a second run would overwrite the
             # first one's checkpoints and mix its logs)
@@ -42,7 +51,9 @@ class RunFolder:
         try:
             os.makedirs(self.ckpt_dir, exist_ok=True)
             probe = os.path.join(self.ckpt_dir, f".write_probe.{os.getpid()}")
-            with open(probe, "wb") as f:
+            if os.path.lexists(probe):
+                os.remove(probe)
+            with os.fdopen(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
                 f.write(b"x")
                 f.flush()
                 os.fsync(f.fileno())
@@ -52,9 +63,33 @@ class RunFolder:
             return (f"the log folder {self.ckpt_dir!r} is not writable ({e.strerror}); choose another --logs or "
                     f"free space before training")
 
-    def write_params(self, flags: dict) -> None:
-        if dist_utils.is_main():
-            runs.write_json(os.path.join(self.path, runs.PARAMS), flags)
+    def start(self, flags: dict) -> None:
+        """The run is built and resumed: from here on it writes its folder, params.json first."""
+        self.started = True
+        self.write_json(runs.PARAMS, flags)
+
+    def write_json(self, name: str, obj) -> None:
+        """(rank 0) One of the run's JSON files, atomically; a full disk is one error line."""
+        if not dist_utils.is_main():
+            return
+        try:
+            runs.write_json(os.path.join(self.path, name), obj)
+        except runs.CheckpointError as e:
+            raise SystemExit(f"error: {e}; free space, then --resume latest") from e
+
+    def fresh_start_note(self) -> str:
+        """What --resume latest says when there is nothing to resume: plainly whether the run folder is new, and the
+        runs beside it (a mistyped --name shows)."""
+        if self.existed:
+            return f"--resume latest: {self.path} holds no checkpoint yet; starting this run from the beginning"
+        logs = os.path.dirname(self.path)
+        others = sorted(n for n in os.listdir(logs) if n != self.name and os.path.isdir(os.path.join(logs, n))
+                        and holds_a_run(os.path.join(logs, n)))
+        note = f"--resume latest: there is no run named {self.name!r} under {logs} yet; starting it fresh"
+        if others:
+            shown = ", ".join(others[:20]) + (f" and {len(others) - 20} more" if len(others) > 20 else "")
+            note += f" (runs there: {shown}; check --name if you meant one of them)"
+        return note
 
     def write_summary(self, status: str, progress: dict, per_rank: list[dict]) -> None:
         """The run's counters and every rank's bad-sample and per-source counts (``per_rank``), summed, in
@@ -67,19 +102,21 @@ class RunFolder:
             sources.update(r["sources"])
         bad, sources = dict(bad), dict(sources)
         summary = {"status": status, **progress, "bad_samples": bad, "source_counts": sources}
-        runs.write_json(os.path.join(self.path, runs.SUMMARY), summary)
+        self.write_json(runs.SUMMARY, summary)
         print(json.dumps({"status": status, "steps": progress["global_step"], "skipped_samples": bad,
                           "nonfinite_steps": progress["nonfinite_total"]}), flush=True)
 
     def record_fatal(self, message: str) -> None:
         """A run that ends in an error says so in its own folder: the message (or traceback) at the end of out.log
-        and in summary.json (rank 0)."""
+        and in summary.json (rank 0); the summary of an earlier run is left as it was by a start that was refused."""
         if not dist_utils.is_main():
             return
         try:
-            with open(os.path.join(self.path, runs.OUT_LOG), "a", encoding="utf-8") as f:
+            with runs.open_run_file(os.path.join(self.path, runs.OUT_LOG)) as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | FATAL {message.rstrip()}\n")
             path = os.path.join(self.path, runs.SUMMARY)
+            if not self.started and holds_a_run(self.path):
+                return  # a refused start (resume): the summary stays that of the run which wrote the checkpoints
             summary = runs.read_json(path) if os.path.isfile(path) else {}
             summary.setdefault("status", "failed")
             summary["error"] = message.rstrip().splitlines()[-1]

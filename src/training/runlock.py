@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from common import runs
+
 _lock = None  # the open lock file of this process's run
 
 
@@ -15,7 +17,10 @@ def acquire(run_dir: str) -> str | None:
     """Take the lock; None on success, else what holds it."""
     global _lock
     import fcntl
-    f = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        f = runs.open_run_file(os.path.join(run_dir, runs.LOCK), "a+")  # a planted link is refused, not truncated
+    except runs.CheckpointError as e:
+        return str(e)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

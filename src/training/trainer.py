@@ -14,7 +14,6 @@ checkpoints, validation).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -57,8 +56,7 @@ class Trainer:
         if cfg.model.image_size is None:
             cfg = cfg.replace(model={"image_size": default_image_size(cfg.model.name)})
         self.cfg = cfg
-        self.folder.write_params({**cfg.flags, "name": self.folder.name, "run_dir": self.folder.path,
-                             "image_size": cfg.model.image_size})
+        self.ref_report = None
         self.logger.info(f"run {self.folder.path} | world {self.denv.world_size} | device {self.denv.device} | model "
                          f"{cfg.model.name} {cfg.model.image_size[0]}x{cfg.model.image_size[1]} | loss {cfg.loss.loss}")
         self.sets = self._data_sets()
@@ -79,16 +77,29 @@ class Trainer:
         self.total_steps = self.stream.n * o.epochs  # the schedules' length: --max-steps stops early, not shorter
         self.state, self.tallies = TrainState(), Tallies()
         self.checkpointer = self._checkpointer()
+        self._resume()
+        self.train_model = self._wrap(module)
+        self.device_augment = self._device_augment()
+        self.observers = self._observers()
+
+    def _resume(self) -> None:
+        """Every component from the checkpoint --resume names, then the run starts writing its folder: a refused
+        resume (another loss, image size, data...) leaves params.json, summary.json and the checkpoints as they were,
+        so that evaluation keeps reading the settings the checkpoints were written with."""
+        cfg = self.cfg
         try:
-            path = self.checkpointer.resume(cfg.run.resume, log=self.logger.info, warn=self.logger.warning)
+            path = self.checkpointer.resume(cfg.run.resume, warn=self.logger.warning)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
         if path is not None:
             self.logger.info(f"resumed from {path}: epoch {self.stream.epoch}, batch {self.stream.batch_in_epoch}, "
                              f"step {self.state.global_step}")
-        self.train_model = self._wrap(module)
-        self.device_augment = self._device_augment()
-        self.observers = self._observers()
+        elif cfg.run.resume == "latest" and self.denv.is_main:  # the run folder is rank 0's (one node)
+            self.logger.info(self.folder.fresh_start_note())
+        self.folder.start({**cfg.flags, "name": self.folder.name, "run_dir": self.folder.path,
+                           "image_size": cfg.model.image_size})
+        if self.ref_report is not None:
+            self.folder.write_json("init_from_ref.json", self.ref_report)
 
     # ---------------------------------------------------------------------------------------------------- build
 
@@ -167,10 +178,7 @@ class Trainer:
                              f"{len(report['shape_mismatch'])} with another shape, "
                              f"{len(report['missing_in_teacher'])} absent from the reference "
                              f"(list in {self.folder.path}/init_from_ref.json)")
-            if self.denv.is_main:
-                import json
-                with open(os.path.join(self.folder.path, "init_from_ref.json"), "w") as f:
-                    json.dump(report, f, indent=1, default=str)
+            self.ref_report = report  # written with params.json, once the run starts
         return teacher if ref.distill == "feature" else None
 
     def _id_head(self):
@@ -215,7 +223,9 @@ class Trainer:
     def _checkpointer(self) -> Checkpointer:
         cfg = self.cfg
         components = {
-            "state_dict": self.model, "optimizer": self.optimizer, "loss": self.loss_fn,
+            # The loss (with the record of its settings) first: it names a changed loss setting, where the
+            # optimizer's groups would only show a consequence of it.
+            "loss": self.loss_fn.checkpoint_component(), "state_dict": self.model, "optimizer": self.optimizer,
             "id_head": self.id_head,  # beside (not inside) state_dict so that open_clip still loads a plain model
             "scaler": None,  # bf16 autocast needs no loss scaler; the slot keeps the format stable
             "train_state": self.state, "data": self.stream, "per_rank_counts": self.tallies,

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from common import collectives as dist_utils
+from common.runs import CheckpointError
 from fast_clip.losses.config import STEP_THRESH_FACTOR, TAU_THRESH, LossConfig, gamma_at_epoch
 from fast_clip.losses.rules import RULES, Rules
 from fast_clip.schedules import warmup_cosine
@@ -79,5 +80,52 @@ class ContrastiveLoss(nn.Module):
             return 1.0 / ls.to(dtype).reshape(())
         return torch.tensor(float(self.cfg.temperature), dtype=dtype, device=device)
 
+    # -------------------------------------------------------------- the checkpoint's record of the settings
+    def recorded_settings(self) -> dict:
+        """{flag: value} of the settings that give this loss's saved state its meaning; the checkpoint keeps them
+        beside the state (:class:`CheckpointedLoss`) and resuming under other values is refused. The loss itself: its
+        variant decides which tables exist and what they estimate. (The InfoNCE family keeps only the epoch / gamma
+        scalars, recomputed every epoch, and the lr_tau latch of the exact rules it always uses; its record still
+        names the loss, so that a resumed run is one loss throughout, as its params.json says.)"""
+        return {"--loss": self.cfg.loss}
+
+    def check_settings(self, saved: dict) -> None:
+        for flag, mine in self.recorded_settings().items():
+            theirs = saved.get(flag, "(not recorded)")
+            if theirs != mine:
+                raise CheckpointError(f"{flag}: the loss state was written with {flag} {theirs}, this run has "
+                                      f"{flag} {mine}; resume with {flag} {theirs}, or start a new --name "
+                                      f"(--pretrained takes its weights)")
+
+    def check_unrecorded(self) -> None:
+        """After loading a checkpoint written before the record: it resumes under this run's settings. The strict
+        load has already checked what its tables show (their names: the loss and scheme; their length:
+        --data_size)."""
+
+    def checkpoint_component(self) -> "CheckpointedLoss":
+        return CheckpointedLoss(self)
+
     def extra_repr(self) -> str:
         return f"loss={self.cfg.loss!r}, scheme={self.cfg.temperature_scheme!r}"
+
+
+class CheckpointedLoss:
+    """The loss as a Checkpointer component: its state_dict() plus, under ``settings``, the settings that state
+    means something under. The module's own state_dict stays tensors only; the record is checked before a tensor is
+    loaded, so a changed setting is named rather than shown by a table's shape or the optimizer's groups."""
+    KEY = "settings"
+
+    def __init__(self, loss: ContrastiveLoss):
+        self.loss = loss
+
+    def state_dict(self) -> dict:
+        return {**self.loss.state_dict(), self.KEY: self.loss.recorded_settings()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        saved = dict(saved)
+        settings = saved.pop(self.KEY, None)
+        if settings is not None:
+            self.loss.check_settings(settings)
+        self.loss.load_state_dict(saved)
+        if settings is None:
+            self.loss.check_unrecorded()

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from common import collectives as dist_utils
+from common.runs import CheckpointError
 from fast_clip.losses.base import ContrastiveLoss
 from fast_clip.losses.config import TAU_MAX, TAU_MIN, LossConfig, state_placement
 from fast_clip.losses.kernels import BLOCK_LOGITS, exp_row_stats, same_person_counts, weighted_exp_sum
@@ -134,6 +135,29 @@ class GCLLoss(ContrastiveLoss):
         self.rules = RULES[cfg.fastclip_rules]
         # per-pair temperatures under the official rules: exponents shifted by the bound tables
         self.shifted = self.individual and self.rules.shifts_exponents
+
+    def recorded_settings(self) -> dict:
+        """Besides the loss (base): the temperature scheme (which tables exist; the tau u was estimated at), the rule
+        set (official: u in units of exp(-bound), read by the exact rules as plain u; the tau Adam schedule and
+        lr_tau latch differ), the table length (one entry per pair key), --id-positives (which columns u sums
+        over) and, for a constant tau, that tau (u estimates g at it). Not recorded, because they change how the
+        state moves from here on, not what the saved values mean: gamma and its schedule (recomputed from the epoch),
+        rho, the temperature lr and Adam settings; nor where the tables live or their dtype (loading casts the
+        values)."""
+        cfg = self.cfg
+        out = {**super().recorded_settings(), "--temperature_scheme": self.scheme,
+               "--fastclip_rules": cfg.fastclip_rules, "--data_size": self.data_size,
+               "--id-positives": bool(cfg.id_positives)}
+        if self.scheme == "global_constant":
+            out["--temperature"] = float(cfg.temperature)
+        return out
+
+    def check_unrecorded(self) -> None:
+        # Only the official rules shift (non-zero bounds): such a state read by the exact rules is misread.
+        if self.individual and not self.shifted and bool((self.bound1 != 0).any() or (self.bound2 != 0).any()):
+            raise CheckpointError("--fastclip_rules: the loss state was written with --fastclip_rules official (u in "
+                                  "units of exp(-bound)), this run has --fastclip_rules exact; resume with "
+                                  "--fastclip_rules official, or start a new --name")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the bound tables existed: all-zero bounds, i.e. unshifted estimators, which is
