@@ -31,21 +31,23 @@ from common.runs import CheckpointError
 from fast_clip.retrieval.protocol import evaluate_model, evaluate_testset
 from fast_clip.retrieval.testset import EvalError, TestSet, default_transform, load_test_set
 
-__all__ = ["EvalError", "evaluate_model", "evaluate_testset", "run_cli", "default_datasets",
+__all__ = ["EvalError", "evaluate_model", "evaluate_testset", "cli", "default_datasets",
            "dataset_name", "format_table", "partial_notes", "write_report", "report_tag", "load_model",
            "resolve_weights", "pick_device", "check_image_size", "main"]
 
 _SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
 
 
-def run_cli(run, args) -> int:
-    """The evaluation CLIs' one error rule: bad input (an EvalError, or a run folder / checkpoint / weights file that
-    cannot be used) is one ``error:`` line and exit code 2, no traceback."""
-    try:
-        return run(args)
-    except (EvalError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def cli(run, build_parser):
+    """A command line's ``main(argv)`` with the evaluation CLIs' one error rule: bad input (an EvalError, or a run
+    folder / checkpoint / weights file that cannot be used) is one ``error:`` line and exit code 2, no traceback."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        try:
+            return run(build_parser().parse_args(argv))
+        except (EvalError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return main
 
 
 # ---------------------------------------------------------------------------------------------------- test data
@@ -432,8 +434,7 @@ def _run(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_run, build_parser().parse_args(argv))
+main = cli(_run, build_parser)
 
 
 if __name__ == "__main__":

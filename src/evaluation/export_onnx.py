@@ -28,7 +28,7 @@ import torch
 
 from common import runs
 from evaluation.evaluate import check_image_size, load_model, resolve_weights
-from evaluation.evaluate import run_cli
+from evaluation.evaluate import cli
 from fast_clip.retrieval.testset import EvalError
 
 __all__ = ["Encoder", "ImageEncoder", "TextEncoder", "export_encoders", "verify_encoders", "main"]
@@ -290,8 +290,7 @@ def _run(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_run, build_parser().parse_args(argv))
+main = cli(_run, build_parser)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
 
 from common import runs
-from evaluation.evaluate import EvalError, check_image_size, run_cli
+from evaluation.evaluate import EvalError, check_image_size, cli
 from fast_clip import open_clip_dir
 
 
@@ -45,8 +44,7 @@ def _run(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_run, build_parser().parse_args(argv))
+main = cli(_run, build_parser)
 
 
 if __name__ == "__main__":
