@@ -25,7 +25,10 @@ from common.seeding import Stream, rng_seed
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     if cfg.check_args:
-        return _check_model(cfg.model.name)
+        return _check_model(cfg.model.name, cfg.model.image_size)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device cuda: no CUDA GPU is usable here (torch {torch.__version__}, CUDA build "
+                         f"{torch.version.cuda}); use --device cpu or auto")
     denv = dist_utils.init_distributed(cfg.device)
     torch.manual_seed(rng_seed(Stream.MODEL_INIT, cfg.seed))  # a model built from scratch draws from here
     stop.install()
@@ -59,11 +62,12 @@ def _validator(val_data: str, device):
         raise SystemExit(f"error: --val-data: {e}")
 
 
-def _check_model(name: str) -> int:
-    """--check-args: the flags parsed; the model name is the one thing left that argparse cannot check."""
-    from fast_clip.model import model_config
+def _check_model(name: str, image_size) -> int:
+    """--check-args: the flags parsed; the model name and the image size that fits it are what argparse cannot
+    check."""
+    from fast_clip.model import input_size
     try:
-        model_config(name)
+        input_size(name, image_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print("flags OK")

@@ -21,13 +21,13 @@ import time
 import torch
 
 from fast_clip.losses import build_loss
-from fast_clip.model import create_model, default_image_size, get_tokenizer
+from fast_clip.model import create_model, get_tokenizer, input_size
 from common.seeding import Stream, rng_seed
 from common.transforms import build_transform, clean_caption
 from training import stop
 from training.checkpoint import CheckpointError, Checkpointer
 from training.config import TrainConfig
-from training.data import DataError, SampleDecoder, TrainStream, build_train_loader, load_train_sets
+from training.data import DataError, SampleDecoder, TooSmall, TrainStream, build_train_loader, load_train_sets
 from training.observers import Checkpoints, KeyAudit, Profile, StepDone, StepLog, Validation
 from training.logger import RunLogger
 from training.objective import Objective, TrainModule, draw_mix
@@ -52,8 +52,10 @@ class Trainer:
             raise
 
     def _build(self, cfg: TrainConfig) -> None:
-        if cfg.model.image_size is None:
-            cfg = cfg.replace(model={"image_size": default_image_size(cfg.model.name)})
+        try:
+            cfg = cfg.replace(model={"image_size": input_size(cfg.model.name, cfg.model.image_size)})
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
         self.cfg = cfg
         self.folder.write_params({**cfg.flags, "name": self.folder.name, "run_dir": self.folder.path,
                              "image_size": cfg.model.image_size})
@@ -115,8 +117,8 @@ class Trainer:
         m = self.cfg.model
         try:
             model = create_model(m.name, pretrained=m.pretrained, image_size=m.image_size, device=self.denv.device)
-        except (CheckpointError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
+        except (CheckpointError, ValueError) as e:  # the name and size are checked: this is the weights file
+            raise SystemExit(f"error: --pretrained: {e}")
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if m.lock_image:  # open_clip's own tower locks (after --pretrained, before the optimizer sees the params)
@@ -179,12 +181,15 @@ class Trainer:
             raise SystemExit(f"error: --id-loss needs person ids, and {foreign} is not a make_shards split (no "
                              f"manifest.json with pids beside it); pack it with data_prep/make_shards.py or drop "
                              f"--id-loss")
-        num_ids = idc.num_ids
+        num_ids = known = None if any(s.split_ids is None for s in self.sets) else sum(s.split_ids for s in self.sets)
+        if idc.num_ids is not None:
+            if known is not None and idc.num_ids < known:  # a head too small fails at the first batch's labels
+                raise SystemExit(f"error: --num-ids {idc.num_ids} is below the {known} person ids of --train-data "
+                                 f"(manifest.json); leave it out to use {known}")
+            num_ids = idc.num_ids
         if num_ids is None:
-            if any(s.split_ids is None for s in self.sets):
-                raise SystemExit("error: --id-loss needs the number of person ids: no manifest.json beside "
-                                 f"{[s.spec for s in self.sets if s.split_ids is None]}; give --num-ids")
-            num_ids = sum(s.split_ids for s in self.sets)
+            raise SystemExit("error: --id-loss needs the number of person ids: no manifest.json beside "
+                             f"{[s.spec for s in self.sets if s.split_ids is None]}; give --num-ids")
         dim = self.model.visual.output_dim
         lr = f", head lr x{idc.head_lr_mult:g}"
         if idc.kind == "linear":
@@ -205,8 +210,16 @@ class Trainer:
         decoder = SampleDecoder(transform=build_transform(self.cfg.model.image_size, train=d.augment,
                                                           uint8=self._augment_on_device),
                                 clean=clean_caption, caption_key=d.caption_key)
-        return TrainStream(self.sets, d.loader, decoder, self.tokenizer, self.denv.rank, self.denv.world_size,
-                           warn=self.logger.warning)
+        try:
+            return TrainStream(self.sets, d.loader, decoder, self.tokenizer, self.denv.rank, self.denv.world_size,
+                               warn=self.logger.warning)
+        except TooSmall as e:
+            micro, k = self.cfg.flags.get("batch_size"), self.cfg.flags.get("accum_freq", 1)
+            how = (f"--batch-size {micro} x --accum-freq {k}: lower --accum-freq or --batch-size" if k > 1
+                   else f"--batch-size {micro}: lower it")
+            raise SystemExit(f"error: {e} ({how}, or run on fewer ranks)")
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
 
     def _checkpointer(self) -> Checkpointer:
         cfg = self.cfg
@@ -255,6 +268,7 @@ class Trainer:
         holds it; an epoch's checkpoint is written before its validation runs."""
         run, logger, out = self.cfg.run, self.logger, []
         if run.profile and self.denv.is_main:
+            self._warn_short_profile(run.profile_steps)
             out.append(Profile(run.profile_steps, self.folder.path, logger))
         if run.log_keys:
             out.append(KeyAudit(self.folder.path))
@@ -265,6 +279,18 @@ class Trainer:
             out.append(Validation(lambda: self.validate(unwrap(self.model), self.tokenizer, self.cfg.model.image_size),
                                   self.cfg.data.val_frequency, logger))
         return out
+
+    def _warn_short_profile(self, steps: tuple[int, int, int]) -> None:
+        """The profiler writes its trace only once its schedule has run to the end: say so at start when this run
+        (with --max-steps / --stop_epochs, from a resumed step) stops earlier."""
+        o = self.cfg.optim
+        end = min(self.total_steps, self.stream.n * (o.stop_epochs or o.epochs), o.max_steps or self.total_steps)
+        left = end - self.state.global_step
+        if sum(steps) > left:
+            wait, warmup, active = steps
+            self.logger.warning(f"--profile: the schedule needs {sum(steps)} steps (--profile-steps {wait} {warmup} "
+                                f"{active}: wait + warmup + active) but this run takes {left}; no trace will be "
+                                f"written: lower --profile-steps")
 
     # ------------------------------------------------------------------------------------------------------ run
 
