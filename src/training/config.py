@@ -134,6 +134,10 @@ class DataConfig:
              "auto: device on CUDA, loader on CPU.")
     val_data: str | None = opt("--val-data", default=None,
                                help="Shards evaluated every --val-frequency epochs (retrieval R@k).")
+    timeout: float = opt(
+        "--data-timeout", default=60.0, check=rule(lambda v: math.isfinite(v) and v > 0, "must be a number > 0"),
+        help="Seconds an http(s) connect or read of --train-data / --val-data may wait for the server before it "
+             "fails (a stop signal does not wait for it).")
     val_frequency: int = opt("--val-frequency", default=0, check=at_least(0), help="Evaluate on --val-data every N epochs (0: never).")
 
     def __post_init__(self):

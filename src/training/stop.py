@@ -8,12 +8,19 @@ SIGTERM (SLURM signals every process of the step) must not kill them before the 
 A rank whose launcher dies stops the same way: torchrun starts each rank in a session of its own, so `kill -9` of the
 launcher's process group (a closed terminal, a tmux kill, a container stop) leaves the ranks running, parented to
 init, training and holding the run's lock. On Linux each rank asks the kernel for SIGTERM when its parent dies.
+
+Where there is no step to finish, a signal does not wait for one: while the run is being built, and while the main
+process waits for the loader's next batch (workers blocked on a server that does not answer), the handler raises
+:class:`Interrupted` at once (:func:`interruptible`, :func:`batches`), so a stop takes seconds, not a read timeout.
+With several ranks a waiting rank first gives its batch ``GRACE_S`` to come: the others may be inside a step that
+needs it, and a healthy run should still stop after a step with latest.pt written.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -21,6 +28,13 @@ from training import distributed as dist_utils
 
 requested: str | None = None  # name of the first stop signal received in this process
 _previous: dict = {}
+_waiting = False  # inside interruptible(): no step in flight
+GRACE_S = 20.0
+
+
+class Interrupted(BaseException):
+    """A stop signal while nothing was in flight to finish. A BaseException, like KeyboardInterrupt: the libraries it
+    passes through (fsspec, the DataLoader's queue reads) catch Exception."""
 
 
 def _handler(signum, frame):
@@ -28,6 +42,44 @@ def _handler(signum, frame):
     if requested is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop now
     requested = signal.Signals(signum).name
+    if _waiting:
+        _interrupt()
+
+
+def _interrupt() -> None:
+    if dist_utils.is_dist():
+        signal.setitimer(signal.ITIMER_REAL, GRACE_S)  # _alarm then raises, if this rank still waits
+    else:
+        raise Interrupted(requested)
+
+
+def _alarm(signum, frame):
+    if _waiting:
+        raise Interrupted(requested)
+
+
+@contextmanager
+def interruptible():
+    """Within: a stop signal (or one already received) raises :class:`Interrupted` at once."""
+    global _waiting
+    if requested is not None:
+        _interrupt()
+    _waiting = True
+    try:
+        yield
+    finally:
+        _waiting = False
+
+
+def batches(loader):
+    """The loader's batches, each waited for :func:`interruptible`-ly."""
+    it = iter(loader)
+    while True:
+        with interruptible():
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
 
 
 _atexit_registered = False
@@ -54,9 +106,9 @@ def install() -> None:
         import atexit
         atexit.register(_kill_leftover_workers)
         _atexit_registered = True
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, handler in ((signal.SIGTERM, _handler), (signal.SIGINT, _handler), (signal.SIGALRM, _alarm)):
         try:
-            _previous[sig] = signal.signal(sig, _handler)
+            _previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. a test runner thread): no handler
             return
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun child; a plain `nohup python ... &` must outlive its shell

@@ -342,7 +342,14 @@ class Trainer:
             from tqdm import tqdm
             loader = tqdm(loader, total=stream.n - stream.batch_in_epoch, desc=f"epoch {stream.epoch}",
                           unit="batch", leave=False, dynamic_ncols=True)
-        if not self._train_epoch(loader):
+        try:
+            if not self._train_epoch(loader):
+                return False
+        except stop.Interrupted:  # a stop signal while the loader had no batch for this rank
+            if self.denv.distributed:  # the other ranks may be inside a step that needs this rank's batch
+                raise SystemExit(f"error: stopped by {stop.requested} on rank {self.denv.rank} after waiting "
+                                 f"{stop.GRACE_S:g} s more for its next batch; no checkpoint written: latest.pt is "
+                                 f"the last one (continue with --resume latest)") from None
             return False
         stream.set_epoch(stream.epoch + 1)
         for obs in self.observers:
@@ -355,7 +362,7 @@ class Trainer:
         o, state, stream = self.cfg.optim, self.state, self.stream
         self.train_model.train()
         t_data = time.perf_counter()
-        for batch in loader:
+        for batch in stop.batches(loader):  # a stop signal does not wait for a batch that may never come
             if stream.batch_in_epoch >= stream.n:
                 break
             data_time, t0 = time.perf_counter() - t_data, time.perf_counter()
