@@ -60,7 +60,8 @@ def _alarm(signum, frame):
 
 @contextmanager
 def interruptible():
-    """Within: a stop signal (or one already received) raises :class:`Interrupted` at once."""
+    """Within: a stop signal (or one already received) raises :class:`Interrupted`: at once in one process, after
+    ``GRACE_S`` with several ranks unless the block is left before."""
     global _waiting
     if requested is not None:
         _interrupt()
@@ -69,6 +70,8 @@ def interruptible():
         yield
     finally:
         _waiting = False
+        if requested is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # the grace's alarm, if any: not waiting any more
 
 
 def batches(loader):
@@ -135,6 +138,7 @@ def stop_when_parent_dies() -> bool:
 
 
 def uninstall() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)  # SIGALRM's default action would end the process
     for sig, h in list(_previous.items()):
         try:
             signal.signal(sig, h)
