@@ -115,3 +115,20 @@ def test_a_silent_server_is_an_error_after_the_data_timeout(tmp_path, server):
         assert time.time() - t0 < 20
     finally:
         fsio.read_timeout_s = before
+
+
+@pytest.mark.slow
+def test_sigterm_while_two_ranks_wait_on_a_silent_server_ends_after_the_grace(tmp_path, server):
+    """With several ranks a waiting rank gives its batch the grace (another rank may be inside a step that needs
+    it), then ends with one error line; nothing is written over the last latest.pt."""
+    write_shards(str(tmp_path / "s"), num_ids=8, shard_size=8)
+    url = server(tmp_path / "s", ".tar")
+    argv = ["--train-data", f"{url}/train/train-{{000000..000003}}.tar", "--model", "PersonTiny", "--batch-size", "4",
+            "--workers", "1", "--epochs", "1", "--logs-dir", str(tmp_path / "logs"), "--name", "r", "--warmup", "1"]
+    p = subprocess.Popen([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAIN, *argv],
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "logs" / "r"
+    took, out, err = _sigterm_after(p, 3, run / "out.log", "steps in all")
+    assert took < 60 and p.returncode != 0, err
+    assert "error: stopped by SIGTERM on rank 0 after waiting 10 s more for its next batch" in err, err
+    assert not (run / "checkpoints" / "latest.pt").exists()

@@ -29,7 +29,7 @@ from training import distributed as dist_utils
 requested: str | None = None  # name of the first stop signal received in this process
 _previous: dict = {}
 _waiting = False  # inside interruptible(): no step in flight
-GRACE_S = 20.0
+GRACE_S = 10.0  # well inside torchrun's 30 s between its SIGTERM and SIGKILL
 
 
 class Interrupted(BaseException):
@@ -88,10 +88,11 @@ def batches(loader):
 _atexit_registered = False
 
 
-def _kill_leftover_workers() -> None:
+def kill_workers() -> None:
     """Loader workers ignore SIGTERM, and multiprocessing's own exit handler ends daemonic children with SIGTERM
     and then waits for them: after an exception whose traceback still holds a loader iterator, that would wait for
-    ever. This handler (registered later, so it runs first) kills what is left."""
+    ever. This handler (registered later, so it runs first) kills what is left; the trainer calls it too when it
+    gives up waiting for workers blocked on I/O (the DataLoader would wait 5 s for each)."""
     import multiprocessing as mp
     # torch's SIGCHLD handler would raise in the middle of this on the first killed worker
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -107,7 +108,7 @@ def install() -> None:
     requested = None
     if not _atexit_registered:
         import atexit
-        atexit.register(_kill_leftover_workers)
+        atexit.register(kill_workers)
         _atexit_registered = True
     for sig, handler in ((signal.SIGTERM, _handler), (signal.SIGINT, _handler), (signal.SIGALRM, _alarm)):
         try:

@@ -346,6 +346,7 @@ class Trainer:
             if not self._train_epoch(loader):
                 return False
         except stop.Interrupted:  # a stop signal while the loader had no batch for this rank
+            stop.kill_workers()
             if self.denv.distributed:  # the other ranks may be inside a step that needs this rank's batch
                 raise SystemExit(f"error: stopped by {stop.requested} on rank {self.denv.rank} after waiting "
                                  f"{stop.GRACE_S:g} s more for its next batch; no checkpoint written: latest.pt is "
