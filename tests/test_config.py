@@ -151,6 +151,17 @@ def test_checks_run_where_the_config_is_built_and_name_the_flag():
     (["--mixup-beta", "1", "--id-loss", "linear"], "--mixup-beta: mixed samples have no single identity"),
     (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
     (["--image-size", "0", "3"], "argument --image-size: must be a positive integer"),
+    # issue #25's low list: each was accepted
+    (["--lock-image-unlocked-groups", "-1"], "--lock-image-unlocked-groups: must be >= 0, got -1"),
+    (["--lock-text-unlocked-layers", "-2"], "--lock-text-unlocked-layers: must be >= 0, got -2"),
+    (["--wd", "-5"], "--wd: must be a finite number >= 0, got -5.0"),
+    (["--log-every-n-steps", "0"], "--log-every-n-steps: must be >= 1, got 0"),
+    (["--max-bad-samples-frac", "nan"], "--max-bad-samples-frac: must be in [0, 1], got nan"),
+    (["--max-bad-samples-frac", "1.5"], "--max-bad-samples-frac: must be in [0, 1], got 1.5"),
+    (["--max-bad-samples-frac", "-0.1"], "--max-bad-samples-frac: must be in [0, 1], got -0.1"),
+    (["--save-every-n-steps", "-1"], "--save-every-n-steps: must be >= 0, got -1"),
+    (["--val-frequency", "-1"], "--val-frequency: must be >= 0, got -1"),
+    (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps: must be >= 1, got 0"),
 ])
 def test_bad_flags_are_one_error_line(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -7,9 +7,25 @@ import posixpath
 import fsspec
 
 
+# Seconds an http(s) connect or read may wait for the server (the trainer's --data-timeout sets it; forked loader
+# workers inherit it). Without one, aiohttp waits 5 minutes per request and a stop signal waits with it.
+read_timeout_s = 60.0
+
+
+def url_to_fs(url: str):
+    """fsspec's (filesystem, path), http(s) with the connect and read timeout ``read_timeout_s`` (a server that
+    accepts and never answers is an error after it, not a hang). Other stores keep their own client's defaults."""
+    url = str(url)
+    if url.startswith(("http://", "https://")):
+        import aiohttp
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=read_timeout_s, sock_read=read_timeout_s)
+        return fsspec.core.url_to_fs(url, client_kwargs={"timeout": timeout})
+    return fsspec.core.url_to_fs(url)
+
+
 def get_fs(url: str):
     """(filesystem, path-without-protocol). Trailing slashes are dropped so joins are uniform."""
-    fs, path = fsspec.core.url_to_fs(str(url))
+    fs, path = url_to_fs(url)
     return fs, (path.rstrip("/") or path)
 
 
@@ -24,7 +40,8 @@ def join(base: str, *parts: str) -> str:
 
 
 def read_bytes(url: str) -> bytes:
-    with fsspec.open(str(url), "rb") as f:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
         return f.read()
 
 

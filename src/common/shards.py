@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 from braceexpand import braceexpand
 
+from common import fsio
+
 # webdataset (1.x) imports torch when it is imported (~1.4 s): it is imported where a tar is read or packed, so that
 # data_prep's worker pool is forked before that, from a small parent.
 
@@ -76,9 +78,8 @@ def join(base: str, name: str) -> str:
 
 
 def _fs(path: str):
-    import fsspec
     try:
-        return fsspec.core.url_to_fs(path)
+        return fsio.url_to_fs(path)
     except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs: fsspec's message says what to install
         raise ShardError(f"{path}: {e}") from e
 

@@ -67,6 +67,22 @@ def default_image_size(name: str) -> tuple[int, int]:
     return PERSON_IMAGE_SIZE
 
 
+def input_size(name: str, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (H, W) model ``name`` is built at: ``image_size``, else :func:`default_image_size`. A ValueError names the
+    flag: an unknown --model, or an --image-size that is not a whole number of the model's patches (a ViT) or of its
+    stride 32 (a ResNet tower), at least one, as pixels beyond the last whole patch would be dropped silently. timm
+    towers are not checked here."""
+    size = tuple(image_size) if image_size else default_image_size(name)
+    vision = model_config(name)["vision_cfg"]
+    stride, what = vision.get("patch_size"), "patch size"
+    if stride is None and isinstance(vision.get("layers"), (list, tuple)):
+        stride, what = 32, "ResNet stride"
+    if stride is not None and not all(s >= stride and s % stride == 0 for s in size):
+        raise ValueError(f"--image-size {size[0]} {size[1]} does not fit --model {name}: each side must be a multiple "
+                         f"of its {what} {stride} (at least {stride})")
+    return size
+
+
 def get_tokenizer(name: str):
     register_model_configs()
     return open_clip.get_tokenizer(name)

@@ -23,6 +23,7 @@ from fast_clip.losses import LossConfig
 
 finite = rule(math.isfinite, "must be a finite number")
 positive = rule(lambda v: v > 0, "must be > 0")
+fraction = rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
 def _positive_int(v: str) -> int:
@@ -59,12 +60,12 @@ class ModelConfig:
         help="torch.compile's backend with --torchcompile. aot_eager traces and splits the graphs as inductor would, "
              "without generating kernels: a quick check that a model compiles.")
     lock_image: bool = opt("--lock-image", default=False, help="Freeze the image tower (open_clip's flag).")
-    lock_image_unlocked_groups: int = opt("--lock-image-unlocked-groups", default=0,
+    lock_image_unlocked_groups: int = opt("--lock-image-unlocked-groups", default=0, check=at_least(0),
                                           help="With --lock-image: leave the last N layer groups trainable.")
     lock_image_freeze_bn_stats: bool = opt("--lock-image-freeze-bn-stats", default=False,
                                            help="With --lock-image: freeze BatchNorm running stats (ResNet towers).")
     lock_text: bool = opt("--lock-text", default=False, help="Freeze the text tower (open_clip's flag).")
-    lock_text_unlocked_layers: int = opt("--lock-text-unlocked-layers", default=0,
+    lock_text_unlocked_layers: int = opt("--lock-text-unlocked-layers", default=0, check=at_least(0),
                                          help="With --lock-text: leave the last N layers trainable.")
     lock_logit_scale: bool = opt("--lock-logit-scale", default=False, help="Freeze the temperature (logit scale).")
 
@@ -92,7 +93,7 @@ class LoaderConfig:
         "--train-num-samples", default=None,
         help="Samples per epoch; default: the number of pairs read from sizes.json / manifest.json.")
     max_bad_frac: float = opt(
-        "--max-bad-samples-frac", default=0.2,
+        "--max-bad-samples-frac", default=0.2, check=fraction,
         help="Stop with an error when more than this share of the samples read in an epoch is unusable.")
     debiased: bool = opt(  # every batch from one source (the same source on all ranks)
         "--debiased-sampling", default=False,
@@ -137,7 +138,11 @@ class DataConfig:
              "the log and summary.json then say partial, with the counts. Without it such a split is refused.")
     val_data: str | None = opt("--val-data", default=None,
                                help="Shards evaluated every --val-frequency epochs (retrieval R@k).")
-    val_frequency: int = opt("--val-frequency", default=0, help="Evaluate on --val-data every N epochs (0: never).")
+    timeout: float = opt(
+        "--data-timeout", default=60.0, check=rule(lambda v: math.isfinite(v) and v > 0, "must be a number > 0"),
+        help="Seconds an http(s) connect or read of --train-data / --val-data may wait for the server before it "
+             "fails (a stop signal does not wait for it).")
+    val_frequency: int = opt("--val-frequency", default=0, check=at_least(0), help="Evaluate on --val-data every N epochs (0: never).")
 
     def __post_init__(self):
         check_options(self)
@@ -155,7 +160,8 @@ class OptimConfig:
     epochs: int = opt("--epochs", default=10, check=at_least(1))
     lr: float = opt("--lr", default=5e-4,
                     check=rule(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"))
-    wd: float = opt("--wd", default=0.2, check=finite)
+    wd: float = opt("--wd", default=0.2, check=rule(lambda v: math.isfinite(v) and v >= 0,
+                                                    "must be a finite number >= 0"))
     beta1: float = opt("--beta1", default=0.9, check=finite)
     beta2: float = opt("--beta2", default=0.98, check=finite)
     eps: float = opt("--eps", default=1e-6, check=finite)
@@ -181,7 +187,7 @@ class OptimConfig:
         help="Coin-flip mixup (ZeroVL): alpha ~ Beta(b, b); a fair coin mixes either the images or the text token "
              "embeddings with the reversed batch; soft targets. 0: off. --loss openclip only.")
     max_nonfinite_steps: int = opt(
-        "--max-nonfinite-steps", default=5,
+        "--max-nonfinite-steps", default=5, check=at_least(1),
         help="Consecutive non-finite losses/gradients tolerated (each step skipped) before stopping.")
 
     @property
@@ -233,7 +239,7 @@ class RefConfig:
     distill: str = opt("--distill", choices=("none", "feature"), default="none",
                        help="feature: (1-w)*loss + w*(|f_T,img - f_S,img|^2 + |f_T,txt - f_S,txt|^2).")
     distill_weight: float = opt("--distill-weight", default=0.5, help="w of --distill.",
-                                check=rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+                                check=fraction)
     init_from_ref: bool = opt(
         "--init-from-ref", default=False,
         help="Copy every reference parameter whose name and shape match into the student (logged).")
@@ -260,8 +266,8 @@ class RunConfig:
     report_to: str = opt("--report-to", default="", help="'tensorboard' to write event files.",
                          check=lambda v: None if v in ("", "tensorboard", "none") else
                          f"accepted values: tensorboard, none; got {v!r}")
-    log_every: int = opt("--log-every-n-steps", default=10)
-    save_every: int = opt("--save-every-n-steps", default=0,
+    log_every: int = opt("--log-every-n-steps", default=10, check=at_least(1))
+    save_every: int = opt("--save-every-n-steps", default=0, check=at_least(0),
                           help="Also save latest.pt every N steps (0: epoch ends only).")
     save_frequency: int = opt(
         "--save-frequency", default=1, check=at_least(0),

@@ -49,6 +49,10 @@ class DataError(RuntimeError):
     """Unusable training data; the message names the shard set, file and problem."""
 
 
+class TooSmall(DataError):
+    """The epoch holds no full step batch (the trainer names the flags that set the batch)."""
+
+
 class Tally:
     """Unusable-sample counts of one worker: ``delta`` (by reason: samples, or shards for a shard's problem) and
     ``lost`` (by reason: pairs of the plan not read) are drained into each batch; ``epoch_lost`` is the worker's sum
@@ -348,8 +352,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             self.num_samples = sum(per_source) * world * b
         self.n = batches_per_rank(self.num_samples, world, b)
         if self.n < 1:
-            raise DataError(f"{self.num_samples} samples per epoch make no full batch of {b} per rank "
-                            f"on {world} rank(s); lower --batch-size")
+            raise TooSmall(f"{self.num_samples} samples per epoch make no full step batch: a step takes {b} per "
+                           f"rank x {world} rank(s) = {b * world}")
         self.set_epoch(0)
 
     @property

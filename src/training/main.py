@@ -19,22 +19,32 @@ from training import distributed as dist_utils
 from training import runlock, stop
 from training.params import parse_args
 from training.run_dir import RunFolder, tell_launcher
+from common import fsio
 from common.seeding import Stream, rng_seed
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     if cfg.check_args:
-        return _check_model(cfg.model.name)
+        return _check_model(cfg.model.name, cfg.model.image_size)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device cuda: no CUDA GPU is usable here (torch {torch.__version__}, CUDA build "
+                         f"{torch.version.cuda}); use --device cpu or auto")
+    fsio.read_timeout_s = cfg.data.timeout
     denv = dist_utils.init_distributed(cfg.device)
     torch.manual_seed(rng_seed(Stream.MODEL_INIT, cfg.seed))  # a model built from scratch draws from here
     stop.install()
     folder = trainer = None
     try:
         folder = RunFolder.claim(cfg.run)
-        validate = _validator(cfg.data.val_data, denv.device) if cfg.data.val_data else None
-        from training.trainer import Trainer  # the model stack is imported only when a run starts
-        trainer = Trainer(cfg, denv, folder, validate)
+        try:
+            with stop.interruptible():  # nothing to finish yet: a stop signal ends the build at once
+                validate = _validator(cfg.data.val_data, denv.device) if cfg.data.val_data else None
+                from training.trainer import Trainer  # the model stack is imported only when a run starts
+                trainer = Trainer(cfg, denv, folder, validate)
+        except stop.Interrupted as e:
+            raise SystemExit(f"error: stopped by {e} while the run was being built, before its first step; nothing "
+                             f"new was trained (run it again, with --resume latest to continue a checkpoint)")
         return trainer.run()
     except SystemExit as e:
         if isinstance(e.code, str):
@@ -59,11 +69,12 @@ def _validator(val_data: str, device):
         raise SystemExit(f"error: --val-data: {e}")
 
 
-def _check_model(name: str) -> int:
-    """--check-args: the flags parsed; the model name is the one thing left that argparse cannot check."""
-    from fast_clip.model import model_config
+def _check_model(name: str, image_size) -> int:
+    """--check-args: the flags parsed; the model name and the image size that fits it are what argparse cannot
+    check."""
+    from fast_clip.model import input_size
     try:
-        model_config(name)
+        input_size(name, image_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print("flags OK")

@@ -20,14 +20,14 @@ import time
 import torch
 
 from fast_clip.losses import build_loss
-from fast_clip.model import create_model, default_image_size, get_tokenizer
+from fast_clip.model import create_model, get_tokenizer, input_size
 from fast_clip.open_clip_dir import export_run
 from common.seeding import Stream, rng_seed
 from common.transforms import build_transform, clean_caption
 from training import stop
 from training.checkpoint import CheckpointError, Checkpointer
 from training.config import TrainConfig
-from training.data import (DataError, SampleDecoder, TrainStream, agreed_batches, build_train_loader,
+from training.data import (DataError, SampleDecoder, TooSmall, TrainStream, agreed_batches, build_train_loader,
                            load_train_sets)
 from training.observers import Checkpoints, KeyAudit, Profile, StepDone, StepLog, Validation
 from training.logger import RunLogger
@@ -53,8 +53,10 @@ class Trainer:
             raise
 
     def _build(self, cfg: TrainConfig) -> None:
-        if cfg.model.image_size is None:
-            cfg = cfg.replace(model={"image_size": default_image_size(cfg.model.name)})
+        try:
+            cfg = cfg.replace(model={"image_size": input_size(cfg.model.name, cfg.model.image_size)})
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
         self.cfg = cfg
         self.ref_report = None
         self.logger.info(f"run {self.folder.path} | world {self.denv.world_size} | device {self.denv.device} | model "
@@ -130,8 +132,8 @@ class Trainer:
         m = self.cfg.model
         try:
             model = create_model(m.name, pretrained=m.pretrained, image_size=m.image_size, device=self.denv.device)
-        except (CheckpointError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
+        except (CheckpointError, ValueError) as e:  # the name and size are checked: this is the weights file
+            raise SystemExit(f"error: --pretrained: {e}")
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if m.lock_image:  # open_clip's own tower locks (after --pretrained, before the optimizer sees the params)
@@ -191,12 +193,15 @@ class Trainer:
             raise SystemExit(f"error: --id-loss needs person ids, and {foreign} is not a make_shards split (no "
                              f"manifest.json with pids beside it); pack it with data_prep/make_shards.py or drop "
                              f"--id-loss")
-        num_ids = idc.num_ids
+        num_ids = known = None if any(s.split_ids is None for s in self.sets) else sum(s.split_ids for s in self.sets)
+        if idc.num_ids is not None:
+            if known is not None and idc.num_ids < known:  # a head too small fails at the first batch's labels
+                raise SystemExit(f"error: --num-ids {idc.num_ids} is below the {known} person ids of --train-data "
+                                 f"(manifest.json); leave it out to use {known}")
+            num_ids = idc.num_ids
         if num_ids is None:
-            if any(s.split_ids is None for s in self.sets):
-                raise SystemExit("error: --id-loss needs the number of person ids: no manifest.json beside "
-                                 f"{[s.spec for s in self.sets if s.split_ids is None]}; give --num-ids")
-            num_ids = sum(s.split_ids for s in self.sets)
+            raise SystemExit("error: --id-loss needs the number of person ids: no manifest.json beside "
+                             f"{[s.spec for s in self.sets if s.split_ids is None]}; give --num-ids")
         dim = self.model.visual.output_dim
         lr = f", head lr x{idc.head_lr_mult:g}"
         if idc.kind == "linear":
@@ -217,8 +222,16 @@ class Trainer:
         decoder = SampleDecoder(transform=build_transform(self.cfg.model.image_size, train=d.augment,
                                                           uint8=self._augment_on_device),
                                 clean=clean_caption, caption_key=d.caption_key)
-        return TrainStream(self.sets, d.loader, decoder, self.tokenizer, self.denv.rank, self.denv.world_size,
-                           warn=self.logger.warning)
+        try:
+            return TrainStream(self.sets, d.loader, decoder, self.tokenizer, self.denv.rank, self.denv.world_size,
+                               warn=self.logger.warning)
+        except TooSmall as e:
+            micro, k = self.cfg.flags.get("batch_size"), self.cfg.flags.get("accum_freq", 1)
+            how = (f"--batch-size {micro} x --accum-freq {k}: lower --accum-freq or --batch-size" if k > 1
+                   else f"--batch-size {micro}: lower it")
+            raise SystemExit(f"error: {e} ({how}, or run on fewer ranks)")
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
 
     def _checkpointer(self) -> Checkpointer:
         cfg = self.cfg
@@ -269,6 +282,7 @@ class Trainer:
         holds it; an epoch's checkpoint is written before its validation runs."""
         run, logger, out = self.cfg.run, self.logger, []
         if run.profile and self.denv.is_main:
+            self._warn_short_profile(run.profile_steps)
             out.append(Profile(run.profile_steps, self.folder.path, logger))
         if run.log_keys:
             out.append(KeyAudit(self.folder.path))
@@ -279,6 +293,18 @@ class Trainer:
             out.append(Validation(lambda: self.validate(unwrap(self.model), self.tokenizer, self.cfg.model.image_size),
                                   self.cfg.data.val_frequency, logger))
         return out
+
+    def _warn_short_profile(self, steps: tuple[int, int, int]) -> None:
+        """The profiler writes its trace only once its schedule has run to the end: say so at start when this run
+        (with --max-steps / --stop_epochs, from a resumed step) stops earlier."""
+        o = self.cfg.optim
+        end = min(self.total_steps, self.stream.n * (o.stop_epochs or o.epochs), o.max_steps or self.total_steps)
+        left = end - self.state.global_step
+        if sum(steps) > left:
+            wait, warmup, active = steps
+            self.logger.warning(f"--profile: the schedule needs {sum(steps)} steps (--profile-steps {wait} {warmup} "
+                                f"{active}: wait + warmup + active) but this run takes {left}; no trace will be "
+                                f"written: lower --profile-steps")
 
     # ------------------------------------------------------------------------------------------------------ run
 
@@ -353,7 +379,15 @@ class Trainer:
             from tqdm import tqdm
             loader = tqdm(loader, total=stream.n - stream.batch_in_epoch, desc=f"epoch {stream.epoch}",
                           unit="batch", leave=False, dynamic_ncols=True)
-        if not self._train_epoch(loader):
+        try:
+            if not self._train_epoch(loader):
+                return False
+        except stop.Interrupted:  # a stop signal while the loader had no batch for this rank
+            stop.kill_workers()
+            if self.denv.distributed:  # the other ranks may be inside a step that needs this rank's batch
+                raise SystemExit(f"error: stopped by {stop.requested} on rank {self.denv.rank} after waiting "
+                                 f"{stop.GRACE_S:g} s more for its next batch; no checkpoint written: latest.pt is "
+                                 f"the last one (continue with --resume latest)") from None
             return False
         self._log_epoch_data(stream.epoch)
         stream.set_epoch(stream.epoch + 1)
@@ -367,7 +401,8 @@ class Trainer:
         o, state, stream = self.cfg.optim, self.state, self.stream
         self.train_model.train()
         t_data = time.perf_counter()
-        for batch in agreed_batches(loader, self.denv.device):
+        # a stop signal does not wait for a batch that may never come; a data error stops every rank together
+        for batch in agreed_batches(stop.batches(loader), self.denv.device):
             if stream.batch_in_epoch >= stream.n:
                 break
             data_time, t0 = time.perf_counter() - t_data, time.perf_counter()

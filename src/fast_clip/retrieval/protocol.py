@@ -17,7 +17,8 @@ import torch
 
 from common.transforms import build_transform
 from fast_clip.retrieval.metrics import recall_at_1_from_features, retrieval_metrics_from_features, topk_indices
-from fast_clip.retrieval.testset import EvalError, TestSet, extract_features, load_test_set, resolve_shards
+from fast_clip.retrieval.testset import EvalError, TestSet, check_first_sample, extract_features, load_test_set, \
+    resolve_shards
 
 KS = (1, 5, 10)
 MAX_RANK = 50
@@ -117,8 +118,8 @@ def evaluate_model(model, tokenizer, transform, datasets: Mapping[str, str | Seq
 def validator(val_data: str, device):
     """``validate(model, tokenizer, image_size) -> {"val": metrics}`` on the test set ``val_data``, for the trainer's
     --val-data. Its shards are resolved now, so a typo fails before the first epoch rather than after it
-    (EvalError)."""
-    resolve_shards(val_data)
+    (EvalError), and so does a shard whose first sample lacks the person ids retrieval is scored by."""
+    check_first_sample(resolve_shards(val_data)[0])
 
     def validate(model, tokenizer, image_size) -> dict:
         return evaluate_model(model, tokenizer, build_transform(image_size, train=False), {"val": val_data}, device)

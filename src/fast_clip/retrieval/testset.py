@@ -198,6 +198,20 @@ def _read_shard(shard: str, check: shards.SplitCheck, build: _Builder, allow_par
     build.ts.problems += [f"{check.folder}: {p}" for p in found]
 
 
+def check_first_sample(shard: str) -> None:
+    """The first sample of ``shard`` read as :func:`load_test_set` reads every one (an image, a caption, a json with
+    integer pid and image_id): the trainer checks --val-data this way at start, not after the first epoch."""
+    def on_problem(url: str, problem: str):
+        raise EvalError(f"shard {shard!r} is not a readable tar file ({problem})")
+
+    try:
+        for sample in shards.iter_samples(shard, on_problem):
+            _Builder(TestSet(name="check", shards=[shard]), clean_caption).add(shard, sample["__key__"], sample)
+            return
+    except OSError as e:
+        raise EvalError(f"shard {shard!r} cannot be opened: {e}") from e
+
+
 def _listed(checks: dict[str, shards.SplitCheck]) -> dict:
     """The listing's query / gallery / shard counts over the folders read; None where a folder does not say."""
     known = all(c.listed_in for c in checks.values())
