@@ -10,6 +10,7 @@ look: the run's own folder and, under scripts/train.sh, the launcher's last line
 """
 from __future__ import annotations
 
+import gc
 import sys
 import traceback
 
@@ -56,6 +57,13 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        # The trainer's components refer to each other (the checkpointer reads the stream's position through the
+        # trainer), so only the cycle collector frees them, the DDP module with its process group among them. Left to
+        # the interpreter's teardown, gloo's worker threads then end mid-finalisation and the rank aborts
+        # ("terminate called without an active exception", exit -6) after a run that finished: collect them here,
+        # while the interpreter is whole, before the process group goes.
+        trainer = None
+        gc.collect()
         stop.uninstall()
         runlock.release()
         dist_utils.destroy_distributed()
