@@ -57,6 +57,7 @@ def test_check_args_checks_the_image_size_against_the_model(data, tmp_path):
         _main(data, tmp_path, "--check-args", "--image-size", "60", "32")
 
 
+@pytest.mark.slow  # a whole training run or a process of its own
 def test_a_profile_longer_than_the_run_is_said_at_start(data, tmp_path):
     assert _main(data, tmp_path, "--profile", "--profile-steps", "2", "1", "3") == 0
     log = (tmp_path / "r" / "out.log").read_text()

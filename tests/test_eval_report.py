@@ -87,6 +87,7 @@ def test_first_match_ranks_agree_with_the_metrics():
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package 'chromium'; CI may lack it): "
                                              "the report's headless render is not checked here")
+@pytest.mark.slow  # a whole training run or a process of its own
 def test_report_renders_in_headless_chromium_with_every_image_loaded(report, tmp_path):
     common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]

@@ -15,6 +15,9 @@ from training import trainer as trainer_mod
 from training.main import main
 
 
+pytestmark = pytest.mark.slow  # every test here is a (tiny) whole training run
+
+
 def _args(spec, logs, name, *extra):
     return [str(a) for a in ("--train-data", spec, "--model", "PersonTiny", "--batch-size", 8, "--workers", 0,
                              "--shuffle-buffer", 4, "--epochs", 1, "--logs-dir", logs, "--name", name,

@@ -102,6 +102,7 @@ def _ours(ckpt: Path, images: list[str]) -> dict:
         return {"image": model.encode_image(x), "text": model.encode_text(tokens), "tokens": tokens}
 
 
+@pytest.mark.slow  # a whole training run or a process of its own
 @pytest.mark.parametrize("which", ["PersonTiny", "square"])
 def test_plain_open_clip_loads_the_folder_and_gives_our_embeddings(which, crops, square_config, tmp_path):
     from common import runs
@@ -167,6 +168,7 @@ def test_fastclip_export_cli(tmp_path, capsys):
         assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow  # a whole training run or a process of its own
 def test_evaluator_and_onnx_export_read_a_folder(tmp_path, monkeypatch, capsys):
     """``--pretrained DIR`` (an open_clip model folder) needs no --model / --image-size: its config holds both."""
     from common import runs

@@ -41,6 +41,7 @@ def _state_files(run):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+@pytest.mark.slow  # a whole training run or a process of its own
 def test_a_refused_resume_leaves_params_summary_and_checkpoints_byte_identical(shards, tmp_path):
     from training.main import main
 
@@ -53,6 +54,7 @@ def test_a_refused_resume_leaves_params_summary_and_checkpoints_byte_identical(s
     assert runs.read_params(str(run))["image_size"] == [64, 32]
 
 
+@pytest.mark.slow  # a whole training run or a process of its own
 def test_resume_latest_over_only_weights_only_epoch_files_is_refused_and_deletes_nothing(shards, tmp_path):
     from training.main import main
 
@@ -69,6 +71,7 @@ def test_resume_latest_over_only_weights_only_epoch_files_is_refused_and_deletes
     assert "latest.pt (unreadable), epoch_1.pt (weights only)" in msg
 
 
+@pytest.mark.slow  # a whole training run or a process of its own
 def test_resume_latest_of_a_new_name_says_so_and_lists_the_runs_there(shards, tmp_path, capsys):
     from training.main import main
 

@@ -103,6 +103,7 @@ def test_sigterm_while_the_loader_waits_on_a_silent_server_stops_and_writes_late
     assert "SIGTERM: stopped after step 0, latest.pt written" in (run / "out.log").read_text()
 
 
+@pytest.mark.slow  # a whole training run or a process of its own
 def test_a_silent_server_is_an_error_after_the_data_timeout(tmp_path, server):
     from common import fsio, shards
     url = server(tmp_path, "/")
