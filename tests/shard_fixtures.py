@@ -81,3 +81,14 @@ def write_shards(root: str, split: str = "train", num_ids: int = 16, images_per_
     with open(manifest_path, "w") as f:
         json.dump(manifest, f)
     return {"pairs": len(samples), "ids": num_ids, "shards": paths, "dir": out}
+
+
+def rank_batches(stream, workers: int | None = None) -> list[dict]:
+    """A rank's batches of the stream's epoch (from its position) as ``StepBatches`` joins them with ``workers``
+    loader processes (default: the stream's), computed in this process: each worker's parts, then the DataLoader's
+    round-robin (one part of each worker per batch)."""
+    from training import data as D
+    from training.plan import worker_readers
+    w = max(1, min(workers if workers is not None else stream.cfg.workers, len(stream.my_readers)))
+    parts = [list(stream._parts(worker_readers(stream.my_readers, w, k))) for k in range(w)]
+    return [D.join_parts([p[g] for p in parts], stream.my_readers) for g in range(len(parts[0]))]

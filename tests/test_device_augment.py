@@ -72,3 +72,16 @@ def test_random_erasing_zeroes_one_rectangle_of_2_to_20_percent_in_about_half_th
 def test_non_uint8_input_is_refused():
     with pytest.raises(TypeError, match="uint8"):
         DeviceAugment((64, 32), train=True)(torch.zeros(1, 3, 64, 32))
+
+
+def test_each_rank_augments_its_rows_as_one_process_augments_the_global_batch():
+    u8 = torch.stack([build_transform((64, 32), train=False, uint8=True)(im) for im in _images(8)])
+    aug = DeviceAugment((64, 32), train=True, erase_p=0.5)
+    whole = aug(u8, torch.Generator().manual_seed(11))
+    for ranks in (2, 4):
+        b = 8 // ranks
+        parts = [aug(u8[r * b:(r + 1) * b], torch.Generator().manual_seed(11), offset=r * b, total=8)
+                 for r in range(ranks)]
+        assert torch.equal(torch.cat(parts), whole)
+    # the draws do depend on the place in the global batch: the second half alone, as if it were rows 0-3, differs
+    assert not torch.equal(aug(u8[4:], torch.Generator().manual_seed(11)), whole[4:])

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from fast_clip.losses import LossConfig, build_loss, mixup_targets
 from fast_clip.model import create_model, get_tokenizer
-from shard_fixtures import write_shards
+from shard_fixtures import rank_batches, write_shards
 from test_training import MAIN, ROOT, assert_same_training, run_main, torchrun
 from training import data as D
 from training import plan as P
@@ -220,17 +220,6 @@ def test_text_mixup_mixes_token_embeddings_only():
 # Debiased sampling
 
 
-def test_debiased_plan_is_a_seeded_shuffle_by_size():
-    plan = P.debiased_plan([3, 1, 6], seed=0, epoch=2)
-    assert Counter(plan) == {0: 3, 1: 1, 2: 6}
-    assert plan == P.debiased_plan([3, 1, 6], 0, 2) and plan != P.debiased_plan([3, 1, 6], 0, 3)
-    # worker shares of one source partition the rank's batches of that source in worker order
-    for s in range(3):
-        shares = [P.debiased_worker_share(plan, 3, w, s) for w in range(3)]
-        assert [b for b, _ in shares] == [sum(m for _, m in shares[:w]) for w in range(3)]
-        assert sum(m for _, m in shares) == Counter(plan)[s]
-
-
 def _stream(sets, rank, world, workers, batch):
     from common.transforms import build_transform, clean_caption
     from training.config import LoaderConfig
@@ -250,14 +239,12 @@ def test_debiased_batches_are_single_source_same_on_all_ranks_and_read_each_pair
         st = _stream(sets, rank, world, workers, bs)
         st.set_epoch(1)
         assert st.n == 48 // 8 + 128 // 8
-        by_worker = {w: list(st._batches(w)) for w in range(workers)}
         srcs = []
-        for j in range(st.n):
-            _, samples, _ = by_worker[j % workers][j // workers]
-            batch_sources = {s[4] for s in samples}
+        for j, batch in enumerate(rank_batches(st)):
+            batch_sources = set(batch["sources"].tolist())
             assert len(batch_sources) == 1, f"rank {rank} batch {j} mixes sources {batch_sources}"
             srcs.append(batch_sources.pop())
-            seen.update(s[2] for s in samples)
+            seen.update(batch["keys"].tolist())
         per_rank_sources.append(srcs)
     assert per_rank_sources[0] == per_rank_sources[1]            # every rank draws the same source each step
     assert Counter(per_rank_sources[0]) == {0: 6, 1: 16}          # proportional to size, all of each set
@@ -266,7 +253,7 @@ def test_debiased_batches_are_single_source_same_on_all_ranks_and_read_each_pair
     st = _stream(sets, 0, world, 1, bs)
     st.set_epoch(1, start_batch=5)
     assert st.per_source == [6, 16]
-    assert [int(x["sources"][0]) for x in st] == P.debiased_plan([6, 16], 1, 1)[5:]
+    assert [int(x["sources"][0]) for x in st] == P.debiased_plan([6, 16], 1, 1)[5:].tolist()
 
 
 @pytest.mark.slow

@@ -565,3 +565,13 @@ def test_pinned_host_tables_match_device_tables(variant):
         torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-15)
     for k in s_dev:
         torch.testing.assert_close(s_dev[k], s_host[k], rtol=1e-12, atol=1e-15, msg=k)
+
+
+@pytest.mark.parametrize("name", ["fastclip-v0", "fastclip-v1", "fastclip-v2", "fastclip-v3", "sogclr", "isogclr"])
+def test_state_bytes_per_pair_is_what_the_per_pair_buffers_hold(name):
+    """docs/LOSSES.md's memory table comes from state_bytes_per_pair(): it must be the per-pair buffers' real size."""
+    n = 37
+    loss = build_loss(LossConfig.from_name(name), n)
+    per_pair = [b for b in loss.buffers() if b.dim() == 1 and b.numel() == n]
+    assert sum(b.element_size() for b in per_pair) == loss.state_bytes_per_pair()
+    assert all(b.numel() in (1, n) for b in loss.buffers())  # nothing else grows with the data

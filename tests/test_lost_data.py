@@ -1,8 +1,8 @@
 """Data the plan expects is data the run reads, or the run says so: shards lost during an epoch, a sizes.json that
 disagrees with its shards, and a make_shards split that lacks shards of its listing (issue #25).
 
-Tiny in-process runs on CPU (no loader workers, a small shuffle buffer, so that shards are opened one after the
-other as the steps go): a hook after the first steps deletes shards the run has not opened yet."""
+Tiny in-process runs on CPU (no loader workers, one reader and a small shuffle buffer, so that shards are opened one
+after the other as the steps go): a hook after the first steps deletes shards the run has not opened yet."""
 import json
 import os
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # every test here is a (tiny) whole training run
 
 def _args(spec, logs, name, *extra):
     return [str(a) for a in ("--train-data", spec, "--model", "PersonTiny", "--batch-size", 8, "--workers", 0,
-                             "--shuffle-buffer", 4, "--epochs", 1, "--logs-dir", logs, "--name", name,
+                             "--shuffle-buffer", 4, "--data-readers", 1, "--epochs", 1, "--logs-dir", logs, "--name", name,
                              "--warmup", 1, "--loss", "fastclip-v1", *extra)]
 
 
@@ -70,8 +70,8 @@ def test_remote_shards_lost_mid_epoch_are_counted_in_pairs_and_trip_the_bad_frac
     with pytest.raises(SystemExit) as e:
         main(_args("file://" + info["dir"], tmp_path, "remote"))
     msg = str(e.value)
-    # it stops as soon as more than 20 % of the worker's 128 pairs are lost (2 shards of 16), not at the epoch's end
-    assert "32 of the 128 pairs of its share of epoch 0 cannot be read ({'unreadable_shard': 32})" in msg, msg
+    # it stops as soon as more than 20 % of the loader process's 128 pairs are lost (2 shards of 16), not at the epoch's end
+    assert "32 of the 128 pairs of its loader process's share of epoch 0 cannot be read ({'unreadable_shard': 32})" in msg, msg
     assert "--max-bad-samples-frac 0.2" in msg and "\n" not in msg
     assert (tmp_path / "remote" / "checkpoints" / "latest.pt").is_file()
 

@@ -80,8 +80,16 @@ class LoaderConfig:
     step_batch_size: int
     seed: int                       # --seed of the run
     workers: int = opt("--workers", default=2, check=at_least(0), help="Data loader processes per rank.")
-    shuffle_buffer: int = opt("--shuffle-buffer", default=2000, check=at_least(1),
-                              help="Sample shuffle buffer per worker (1: off).")
+    shuffle_buffer: int = opt("--shuffle-buffer", default=256, check=at_least(1),
+                              help="Samples in the shuffle buffer of each of the --data-readers readers (1: off); a "
+                                   "rank holds (readers / ranks) buffers.")
+    readers: int | None = opt(
+        "--data-readers", default=None, check=at_least(1), metavar="L",
+        help="Logical readers of the epoch plan: each reads a fixed range of the epoch and gives B/L pairs to every "
+             "global batch of B; ranks and loader workers only share the readers out, so any number of ranks that "
+             "divides L (any --workers, any --accum-freq) trains on the same global batches and resumes the others' "
+             "checkpoints mid-epoch. Default: the largest divisor of B (of B / --pairs-per-id) up to 64. At most "
+             "L / ranks loader workers per rank are used.")
     shard_shuffle: bool = opt("--no-shard-shuffle", negate=True, help="Read shards in order (debugging).")
     weights: list[float] | None = opt(
         "--train-data-weights", type=str, default=None, convert=_weights,

@@ -1,33 +1,33 @@
-"""Streaming webdataset input pipeline with an exact, resumable epoch plan.
+"""Streaming webdataset input pipeline that applies the epoch plan (training/plan.py) to the shards.
 
-Why not webdataset's own pipeline: exact mid-epoch resume and "every rank yields the same number of batches" both need
-the sample order to be a pure function of (seed, epoch, rank, worker, batch index). So the epoch is planned up front:
+Why not webdataset's own pipeline: exact mid-epoch resume, "every rank yields the same number of batches" and "the
+same global batches on any cluster shape" all need the order to be a pure function of the plan's settings and the
+position. The epoch is read by L logical readers (``--data-readers``); global batch g is the g-th chunk of B / L
+pairs of every reader, in reader order:
 
-* **concat mode** (no ``--train-data-weights``): the shards of all sets, shuffled per epoch with ``(seed, epoch)``, form
-  one sequence of N pairs. Each rank gets ``n = N // (world * batch)`` batches; rank r owns the contiguous range
-  ``[r*n*b, (r+1)*n*b)`` and splits it into contiguous worker ranges of ``n//W`` or ``n//W + 1`` batches. Ranges are
-  disjoint, so no pair is seen twice in an epoch, and fewer than ``world * batch`` pairs are left out (drop-last).
-* **debiased mode** (``--debiased-sampling``, ZeroVL): each set is split between ranks and workers as in concat mode,
-  and a seeded list identical on all ranks says which set each batch comes from (a shuffle of the multiset with
-  n_s = N_s // (world * batch) entries per set), so a global batch is single-source and every set is read once.
-* **weighted mode**: every (rank, worker) reads its own slice of each set in endless passes and draws each sample's set
-  with probability proportional to its weight, from a seeded RNG.
+* **concat mode** (no ``--train-data-weights``): the shards of all sets, shuffled per epoch with ``(seed, epoch)``,
+  form one sequence of N pairs; the epoch has G = N // B global batches and reader l owns the range
+  ``[l*G*c, (l+1)*G*c)``. Ranges are disjoint, so no pair is seen twice in an epoch, and fewer than B pairs are left
+  out (drop-last).
+* **debiased mode** (``--debiased-sampling``, ZeroVL): each set is split between the readers as in concat mode, and a
+  seeded list identical in every process says which set each global batch comes from (a shuffle of the multiset with
+  n_s = N_s // B entries per set), so a global batch is single-source and every set is read once.
+* **weighted mode**: every reader samples its own slice of each set in endless passes and draws each sample's set
+  with probability proportional to its weight, from an RNG seeded by (seed, epoch, reader).
 
-Within a worker a seeded shuffle buffer mixes samples; augmentation is seeded per batch. With ``--pairs-per-id K``
-the buffer mixes groups instead of samples: each person's pairs in the worker's range are cut into groups of K
-(shards are written sorted by person id, so a person's pairs arrive together; a bounded buffer also groups unsorted
-shards), leftovers are packed into K-sized groups of several persons, and a batch of b = P*K samples is P consecutive
-groups: P persons x K pairs, still every pair once per epoch from the same fixed range. The DataLoader reads its
-workers round-robin, so batch j of a rank comes from worker j % W. To resume at batch k, every worker replays its
-stream and drops the batches it had produced, and the worker roles are rotated by k % W so that physical worker 0
-produces batch k next. Unusable samples (bad JPEG, bad UTF-8, missing json, ...) and pairs of the plan that cannot
-be read (a shard gone, truncated or shorter than sizes.json lists: read_shard) are counted, by reason and in pairs,
-and replaced by the next sample of the stream, so every batch is full and all ranks stay in lock-step; the batches
-carry the counts (pairs read, lost, refilled) to the run's tallies.
+Each reader mixes its stream with a seeded shuffle buffer; with ``--pairs-per-id K`` the buffer mixes groups of K
+pairs of one person instead (plan.identity_groups), and a chunk is c / K such groups. Augmentation is seeded per
+(reader, batch). Rank r runs the readers ``[r*L/W, (r+1)*L/W)``; its loader workers split them, each yielding its
+*part* of every batch, and ``StepBatches`` joins the parts the DataLoader delivers round-robin. To resume at global
+batch k, every reader reads and drops its first k chunks. Unusable samples (bad JPEG, bad UTF-8, missing json, ...)
+and pairs of the plan that cannot be read (a shard gone, truncated or shorter than sizes.json lists: read_shard) are
+counted, by reason and in pairs, and replaced by the next sample of the reader's stream, so every batch is full and
+all ranks stay in lock-step; the batches carry the counts (pairs read, lost, refilled) to the run's tallies.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -39,9 +39,11 @@ import torch
 from PIL import Image
 
 from common import shards
+from common.runs import CheckpointError
 from training.config import LoaderConfig
-from training.plan import (batches_done_by_worker, batches_per_rank, debiased_plan, debiased_worker_share,
-                           identity_groups, shard_order, shuffle_buffer, worker_batches, worker_range)
+from training.plan import (ShardSequence, debiased_plan, default_readers, identity_groups, rank_readers,
+                           reader_range, shape_problem, shard_order, shuffle_buffer, weighted_slice, worker_readers)
+from training.state import add_data_counts, empty_data_counts
 from common.seeding import Stream, rng_seed
 
 
@@ -53,17 +55,23 @@ class TooSmall(DataError):
     """The epoch holds no full step batch (the trainer names the flags that set the batch)."""
 
 
+class ShapeError(DataError):
+    """The global batch, --data-readers and the number of ranks do not fit together (training/plan.py)."""
+
+
 class Tally:
-    """Unusable-sample counts of one worker: ``delta`` (by reason: samples, or shards for a shard's problem) and
-    ``lost`` (by reason: pairs of the plan not read) are drained into each batch; ``epoch_lost`` is the worker's sum
-    for the epoch, held against --max-bad-samples-frac; ``reported`` remembers what was already counted this epoch,
-    because refill passes meet the same bad samples and truncated shards again."""
+    """Unusable-sample counts of one loader process (all its readers): ``delta`` (by reason: samples, or shards for
+    a shard's problem) and ``lost`` (by reason: pairs of the plan not read) are drained into each batch;
+    ``epoch_lost`` is the process's sum for the epoch, held against --max-bad-samples-frac; ``reported`` remembers
+    what was already counted this epoch, because refill passes meet the same bad samples and truncated shards
+    again."""
 
     def __init__(self):
         self.delta: Counter = Counter()
         self.lost: Counter = Counter()
         self.epoch_lost: Counter = Counter()
         self.reported: set = set()
+        self.seen = self.bad = 0  # samples met and unusable ones, held against --max-bad-samples-frac
 
     @property
     def lost_total(self) -> int:
@@ -107,7 +115,7 @@ class ShardSet:
     partial: list[str] = field(default_factory=list)  # what its split folders lack (--allow-partial-data)
 
     def __post_init__(self):
-        self.bases = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        self.bases = list(itertools.accumulate(self.counts, initial=0))[:-1]
 
     @property
     def num_pairs(self) -> int:
@@ -195,22 +203,14 @@ def _warn(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
 
 
-def read_range(order: list[tuple], start: int, end: int, counter: "Tally"):
-    """(sample, set, pair index) at positions [start, end) of the sequence formed by ``order``; only overlapping
-    shards are read (see read_shard). The pair index is the pair's position in its set's fixed shard list + the
-    set's offset."""
-    pos = 0
-    for sset, url, count, base in order:
-        if pos + count <= start:
-            pos += count
-            continue
-        if pos >= end:
-            break
-        yield from read_shard(sset, url, count, base, max(start, pos) - pos, min(end, pos + count) - pos, counter)
-        pos += count
+def read_range(order: ShardSequence, start: int, end: int, counter: "Tally", reader: int):
+    """(sample, set, pair index) at positions [start, end) of an epoch's shard sequence; only overlapping shards are
+    read (see read_shard). The pair index is the pair's position in its set's fixed shard list + the set's offset."""
+    for sset, url, count, base, lo, hi in order.overlapping(start, end):
+        yield from read_shard(sset, url, count, base, lo, hi, counter, reader)
 
 
-def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int, counter: "Tally"):
+def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int, counter: "Tally", reader: int = 0):
     """Samples [lo, hi) of one shard that sizes.json says holds ``count``, with their pair indices.
 
     The plan's pairs are what sizes.json counted, so a shard that disagrees is caught here: one holding more samples
@@ -237,7 +237,7 @@ def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int
     # Python's tarfile stops silently at most truncations: a cut file, and a whole one that sizes.json over-counts,
     # both read as fewer samples than listed
     reason = "truncated_shard" if i or not problems else "unreadable_shard"
-    if counter.add(reason, ("lost", url), lost):
+    if counter.add(reason, ("lost", url, reader), lost):  # two readers' ranges may share a shard
         problem = problems[0] if problems else f"{i} samples where {shards.SIZES_FILE} lists {count}"
         _warn(f"shard {url} is truncated or unreadable ({problem}): {lost} pairs of the plan in it are not read "
               f"(counted against --max-bad-samples-frac); if the file is whole, its {shards.SIZES_FILE} is stale: "
@@ -328,7 +328,10 @@ class _BadSample(Exception):
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """Yields ready batches for one rank: dict(images, texts, keys, pids, sources, bad=Counter delta)."""
+    """One rank's share of the epoch plan (training/plan.py): the rank runs the readers
+    ``rank_readers(L, W, rank)``; each loader worker runs a contiguous share of them and yields, for every global
+    batch g, its *part* (the chunks of its readers at g, in reader order). ``StepBatches`` joins a step's parts.
+    Every batch carries its counts (dict(images, texts, keys, pids, sources, bad=..., data=...))."""
 
     def __init__(self, sets: list[ShardSet], cfg: LoaderConfig, decoder: SampleDecoder, tokenizer,
                  rank: int, world: int, warn=print):
@@ -340,41 +343,71 @@ class TrainStream(torch.utils.data.IterableDataset):
         if cfg.weights is None and self.num_samples > self.total_pairs:
             raise DataError(f"--train-num-samples {self.num_samples} exceeds the {self.total_pairs} pairs of "
                             f"--train-data; give --train-data-weights to sample with replacement")
+        B = self.global_batch = cfg.step_batch_size * world
+        self._use_readers(cfg.readers or default_readers(B, cfg.pairs_per_id, world))
         self.plan = None
-        b = cfg.step_batch_size
         if cfg.debiased:
-            per_source = [batches_per_rank(s.num_pairs, world, b) for s in sets]
-            for s, n_s in zip(sets, per_source):
+            self.per_source = [s.num_pairs // B for s in sets]
+            for s, n_s in zip(sets, self.per_source):
                 if n_s < 1:
                     raise DataError(f"set {s.spec!r} has {s.num_pairs} pairs, less than one global batch of "
-                                    f"{world * b}: debiased sampling needs a full batch from each set")
-            self.per_source = per_source
-            self.num_samples = sum(per_source) * world * b
-        self.n = batches_per_rank(self.num_samples, world, b)
+                                    f"{B}: debiased sampling needs a full batch from each set")
+            self.num_samples = self.total_pairs
+        self.n = sum(self.per_source) if cfg.debiased else self.num_samples // B  # global batches of an epoch
         if self.n < 1:
-            raise TooSmall(f"{self.num_samples} samples per epoch make no full step batch: a step takes {b} per "
-                           f"rank x {world} rank(s) = {b * world}")
+            raise TooSmall(f"{self.num_samples} samples per epoch make no full step batch: a step takes "
+                           f"{cfg.step_batch_size} per rank x {world} rank(s) = {B}")
+        self._orders: dict = {}
         self.set_epoch(0)
 
+    def _use_readers(self, readers: int) -> None:
+        problem = shape_problem(self.global_batch, readers, self.world, self.cfg.pairs_per_id)
+        if problem:
+            raise ShapeError(f"{problem}: choose --data-readers L, a divisor of the global batch that the ranks "
+                             f"divide (it is part of the plan: keep it for the whole run)")
+        self.readers, self.chunk = readers, self.global_batch // readers
+        self.my_readers = rank_readers(readers, self.world, self.rank)
+
     @property
-    def num_workers(self) -> int:
-        return max(1, self.cfg.workers)
+    def loader_workers(self) -> int:
+        """Loader processes: --workers, but no more than the rank's readers (a worker runs whole readers)."""
+        return min(self.cfg.workers, len(self.my_readers))
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Pairs of the sets that no epoch reads (drop-last: fewer than one global batch; per set when debiased;
+        none when sampling with replacement or when --train-num-samples chooses fewer)."""
+        if self.cfg.weights is not None or self.cfg.num_samples:
+            return 0
+        if self.cfg.debiased:
+            return sum(s.num_pairs - n_s * self.global_batch for s, n_s in zip(self.sets, self.per_source))
+        return self.total_pairs - self.n * self.global_batch
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (f"epoch plan: {self.n} global batches of {self.global_batch} = {self.readers} readers x "
+                f"{self.chunk} pairs; rank {self.rank} runs readers {self.my_readers.start}-{self.my_readers.stop - 1}"
+                f" in {max(1, self.loader_workers)} loader process(es)"
+                + (f" (--workers {cfg.workers}: at most one per reader)" if cfg.workers > self.loader_workers else "")
+                + f"; {self.dropped_per_epoch} pairs per epoch left out by drop-last")
 
     def plan_signature(self) -> dict:
-        """What the sample order depends on besides the position: a resume with another plan cannot continue an
-        epoch where it stopped. (Its key "batch_size" is the step batch: the name saved checkpoints carry.)"""
-        return {"seed": self.cfg.seed, "world_size": self.world, "workers": self.cfg.workers,
-                "batch_size": self.cfg.step_batch_size, "train_data": "::".join(s.spec for s in self.sets),
-                "debiased_sampling": self.cfg.debiased, "pairs_per_id": self.cfg.pairs_per_id}
+        """What the sequence of global batches depends on besides the position; not the cluster's shape. A resume
+        with another plan cannot continue an epoch where it stopped. ("plan": 2, the canonical-reader plan; a
+        checkpoint of the earlier per-rank plan has none.)"""
+        c = self.cfg
+        return {"plan": 2, "seed": c.seed, "global_batch": self.global_batch, "data_readers": self.readers,
+                "train_data": "::".join(s.spec for s in self.sets), "train_data_weights": c.weights,
+                "train_num_samples": c.num_samples, "debiased_sampling": c.debiased, "pairs_per_id": c.pairs_per_id,
+                "shuffle_buffer": c.shuffle_buffer, "shard_shuffle": c.shard_shuffle}
 
     def same_plan(self, saved: dict) -> bool:
-        # checkpoints written before a key existed have none: they ran with its off value
-        off = {"debiased_sampling": False, "pairs_per_id": 0}
-        return all(saved.get(k, off.get(k)) == v for k, v in self.plan_signature().items())
+        return all(saved.get(k) == v for k, v in self.plan_signature().items())
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The position: the next iteration starts at batch ``start_batch`` of ``epoch``."""
+        """The position: the next iteration starts at global batch ``start_batch`` of ``epoch``."""
         self.epoch, self.batch_in_epoch = epoch, start_batch
+        self._orders = {}
         if self.cfg.debiased:
             self.plan = debiased_plan(self.per_source, self.cfg.seed, epoch)
 
@@ -386,38 +419,60 @@ class TrainStream(torch.utils.data.IterableDataset):
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **self.plan_signature()}
 
     def load_state_dict(self, saved: dict) -> None:
-        start = saved["batch_in_epoch"]
-        if start and not self.same_plan(saved):
-            self.warn(f"the checkpoint was written with another data plan ({saved}); the order of the rest of "
-                      f"epoch {saved['epoch']} cannot be reproduced, so it restarts at its first batch")
+        """The checkpoint's position; without --data-readers the run keeps its checkpoint's readers, so that it
+        continues mid-epoch on any shape that divides them (one that does not is refused, nothing written)."""
+        start, theirs = saved["batch_in_epoch"], saved.get("data_readers")
+        if (self.cfg.readers is None and saved.get("plan") == 2 and theirs != self.readers
+                and saved.get("global_batch") == self.global_batch):
+            try:
+                self._use_readers(theirs)
+            except ShapeError as e:
+                raise CheckpointError(f"the checkpoint's epoch plan cannot run on {self.world} rank(s): {e}; or start "
+                                      f"its epoch {saved['epoch']} again under a new plan with --data-readers "
+                                      f"{default_readers(self.global_batch, self.cfg.pairs_per_id, self.world)}")
+        # a position at an epoch's end (start == G of the same global batch) needs no plan: nothing of it is left
+        ended = start >= self.n and self.global_batch in (saved.get("global_batch"),
+                                                          saved.get("world_size", 0) * saved.get("batch_size", 0))
+        if start and not ended and not self.same_plan(saved):
+            changed = sorted(k for k, v in self.plan_signature().items() if saved.get(k) != v)
+            self.warn(f"the checkpoint was written with another data plan (it differs in {', '.join(changed)}: "
+                      f"{ {k: saved.get(k) for k in changed} }); the order of the rest of epoch {saved['epoch']} "
+                      f"cannot be reproduced, so it restarts at its first batch")
             start = 0
         self.set_epoch(saved["epoch"], start)
 
-    # -- raw streams ---------------------------------------------------------------------------------------------
-    def _concat_stream(self, w: int, counter: "Tally"):
-        start, length = worker_range(self.n, self.cfg.step_batch_size, self.rank, self.num_workers, w)
-        # Every pass reads the same shard order, so a refill pass re-reads this worker's own range and never a pair
-        # of another worker's (only the shuffle buffer's seed changes with the pass).
-        order = shard_order(self.sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle)
-        yield from read_range(order, start, start + length, counter)
+    # -- raw streams of one reader -----------------------------------------------------------------------------------
+    def _order(self, *parts: int) -> ShardSequence:
+        key = parts
+        if key not in self._orders:
+            sets = self.sets if not parts else [self.sets[parts[0]]]
+            self._orders[key] = shard_order(sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle, *parts)
+        return self._orders[key]
 
-    def _weighted_stream(self, w: int, counter: "Tally"):
-        slots = self.world * self.num_workers
-        slot = self.rank * self.num_workers + w
+    def _concat_stream(self, reader: int, counter: "Tally"):
+        start, length = reader_range(self.n, self.chunk, reader)
+        # Every pass reads the same range, so a refill pass re-reads this reader's own pairs and never another's
+        # (only the shuffle buffer's seed changes with the pass).
+        yield from read_range(self._order(), start, start + length, counter, reader)
+
+    def _debiased_stream(self, reader: int, source: int, counter: "Tally"):
+        start, length = reader_range(self.per_source[source], self.chunk, reader)
+        yield from read_range(self._order(source), start, start + length, counter, reader)
+
+    def _weighted_stream(self, reader: int, counter: "Tally"):
         weights = np.asarray(self.cfg.weights, dtype=np.float64)
-        rng = random.Random(rng_seed(Stream.SOURCE_MIX, self.cfg.seed, self.epoch, self.rank, w))
+        rng = random.Random(rng_seed(Stream.SOURCE_MIX, self.cfg.seed, self.epoch, reader))
 
         def endless(sset: ShardSet):
-            n_s = sset.num_pairs
-            start, end = slot * n_s // slots, (slot + 1) * n_s // slots
+            start, end = weighted_slice(sset.num_pairs, self.readers, reader)
             if end <= start:
-                raise DataError(f"set {sset.spec!r} has {n_s} pairs, fewer than the {slots} (rank, worker) slots "
-                                f"that read it; use fewer workers or drop its weight")
+                raise DataError(f"set {sset.spec!r} has {sset.num_pairs} pairs, fewer than the {self.readers} readers "
+                                f"that sample it (--data-readers); lower --data-readers or drop its weight")
             for p in range(1 << 30):
                 order = shard_order([sset], self.cfg.seed, (self.epoch * 1000 + p) * 64 + sset.index,
                                     self.cfg.shard_shuffle)
                 got = 0
-                for item in read_range(order, start, end, counter):
+                for item in read_range(order, start, end, counter, reader):
                     got += 1
                     yield item
                 if got == 0:
@@ -429,14 +484,6 @@ class TrainStream(torch.utils.data.IterableDataset):
             i = int(np.searchsorted(cum, rng.random(), side="right"))
             yield next(streams[min(i, len(streams) - 1)])
 
-    def _debiased_stream(self, w: int, source: int, counter: "Tally"):
-        sset = self.sets[source]
-        before, mine = debiased_worker_share(self.plan, self.num_workers, w, source)
-        b = self.cfg.step_batch_size
-        start = (self.rank * self.per_source[source] + before) * b
-        order = shard_order([sset], self.cfg.seed, self.epoch, self.cfg.shard_shuffle, sset.index)
-        yield from read_range(order, start, start + mine * b, counter)
-
     def _mix(self, items, rng: random.Random):
         """The seeded shuffle buffer over samples, or (--pairs-per-id K) over groups of K pairs of one person."""
         k = self.cfg.pairs_per_id
@@ -447,117 +494,174 @@ class TrainStream(torch.utils.data.IterableDataset):
         for group in shuffle_buffer(groups, max(1, self.cfg.shuffle_buffer // k), rng):
             yield from group
 
-    def _refilled(self, make, w: int, tag: tuple = ()):
+    def _refilled(self, make, reader: int, tag: tuple = ()):
         """Shuffled passes over one fixed range: refills for unusable or lost pairs come from the next pass. Each item
         comes with whether it is such a refill (a pair of the range met a second time), so that it is counted."""
         for p in range(1 << 30):
             got = 0
-            for item in self._mix(make(), random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch,
-                                                                 self.rank, w, p, *tag))):
+            rng = random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, reader, p, *tag))
+            for item in self._mix(make(), rng):
                 got += 1
                 yield item, p > 0
             if got == 0:
-                raise DataError(f"rank {self.rank} worker {w}: its shard range{' of set ' + str(tag[0] - 1) if tag else ''}"
-                                f" yielded no sample in epoch {self.epoch} (every shard unreadable?)")
+                raise DataError(f"reader {reader} of rank {self.rank}: its shard range"
+                                f"{' of set ' + str(tag[0] - 1) if tag else ''} yielded no sample in epoch "
+                                f"{self.epoch} (every shard unreadable?)")
 
-    def _raw(self, w: int, counter: "Tally"):
+    def _source_streams(self, reader: int, counter: "Tally"):
+        """g -> the stream that global batch g reads: the reader's one stream, or (debiased) one lazily opened stream
+        per source, batch g reading source plan[g]."""
         if self.cfg.weights is not None:  # sampling with replacement: no draw is a refill
-            mixed = self._mix(self._weighted_stream(w, counter),
-                              random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, self.rank, w)))
-            yield from ((item, False) for item in mixed)
-            return
-        yield from self._refilled(lambda: self._concat_stream(w, counter), w)
-
-    def _source_streams(self, w: int, counter: "Tally"):
-        """j -> the stream batch j reads: the worker's one stream, or (debiased) one lazily opened stream per source,
-        batch j of the rank reading source plan[j]."""
+            rng = random.Random(rng_seed(Stream.SHUFFLE_BUFFER, self.cfg.seed, self.epoch, reader))
+            mixed = ((item, False) for item in self._mix(self._weighted_stream(reader, counter), rng))
+            return lambda g: mixed
         if self.plan is None:
-            raw = self._raw(w, counter)
-            return lambda j: raw
+            raw = self._refilled(lambda: self._concat_stream(reader, counter), reader)
+            return lambda g: raw
         streams = {}
 
-        def of(j: int):
-            src = self.plan[w + j * self.num_workers]
+        def of(g: int):
+            src = int(self.plan[g])
             if src not in streams:
-                streams[src] = self._refilled(lambda: self._debiased_stream(w, src, counter), w, (src + 1,))
+                streams[src] = self._refilled(lambda: self._debiased_stream(reader, src, counter), reader, (src + 1,))
             return streams[src]
         return of
 
-    # -- batches ---------------------------------------------------------------------------------------------------
-    def _batches(self, w: int):
-        """All batches of logical worker w for this epoch, as (batch_index, samples, counts): "bad", the unusable
-        samples and damaged shards by reason, and "data", the batch's share of the epoch's data counts: pairs of the
-        plan read, pairs of the plan lost (by reason: unusable sample, lost shard) and refills (pairs met again)."""
-        counter = Tally()
-        n_batches = worker_batches(self.n, self.num_workers, w)
-        b = self.cfg.step_batch_size
-        stream_of = self._source_streams(w, counter)
-        seen = bad = 0
-        for j in range(n_batches):
-            raw = stream_of(j)
+    # -- chunks and parts --------------------------------------------------------------------------------------------
+    def _chunks(self, reader: int, counter: "Tally", planned: int):
+        """The reader's chunks of the epoch: for each global batch g, c decoded samples and how many of them are
+        pairs of the plan read for the first time (the rest refill unusable or lost ones)."""
+        stream_of = self._source_streams(reader, counter)
+        for g in range(self.n):
+            raw = stream_of(g)
             samples, read = [], 0
-            while len(samples) < b:
+            while len(samples) < self.chunk:
                 (item, sset, pair_index), refill = next(raw)
-                seen += 1
+                counter.seen += 1
                 try:
                     samples.append((*self.decoder(item, sset, pair_index), sset.index))
                     read += not refill
                 except _BadSample as e:
-                    bad += 1
+                    counter.bad += 1
                     counter.add(e.reason, (item.get("__url__"), item.get("__key__")))
-                    if bad > max(16, self.cfg.max_bad_frac * seen):
-                        raise DataError(self._unusable_message(w, bad, seen, counter, item, sset, e))
-                if counter.lost_total > max(16, self.cfg.max_bad_frac * n_batches * b):
-                    raise DataError(self._lost_message(w, counter, n_batches * b))
-            delta, lost = counter.drain()
-            yield j, samples, {"bad": dict(delta), "data": {"read": read, "refilled": b - read, "lost": dict(lost)}}
+                    if counter.bad > max(16, self.cfg.max_bad_frac * counter.seen):
+                        raise DataError(self._unusable_message(reader, counter, item, sset, e))
+                if counter.lost_total > max(16, self.cfg.max_bad_frac * planned):
+                    raise DataError(self._lost_message(reader, counter, planned))
+            yield samples, read
 
-    def _unusable_message(self, w: int, bad: int, seen: int, counter: "Tally", item: dict, sset: ShardSet,
-                          e: "_BadSample") -> str:
+    def _parts(self, readers: range):
+        """(g, part) for every global batch g of the epoch from ``readers`` (one loader worker's share); the parts
+        before the resume position are read (the streams must pass them) but not augmented or collated."""
+        counter = Tally()
+        planned = self.n * self.chunk * len(readers)
+        chunks = [self._chunks(r, counter, planned) for r in readers]
+        for g in range(self.n):
+            got = [next(c) for c in chunks]
+            delta, lost = counter.drain()
+            if g < self.batch_in_epoch:
+                continue
+            read = sum(r for _, r in got)
+            counts = {"bad": dict(delta), "data": {"read": read, "refilled": len(readers) * self.chunk - read,
+                                                   "lost": dict(lost)}}
+            yield self._collate([s for s, _ in got], readers, g, counts)
+
+    def _unusable_message(self, reader: int, counter: "Tally", item: dict, sset: ShardSet, e: "_BadSample") -> str:
         hint = ("check them with: python data_prep/make_shards.py verify OUTPUT"
                 if sset.is_make_shards_split else "list a shard's members with: tar tf SHARD | head")
-        return (f"rank {self.rank} worker {w}: {bad} of {seen} samples read are unusable ({dict(counter.delta)}); "
-                f"the last, key {item.get('__key__')} of {item.get('__url__')}: {e.reason}: {e.detail}; {hint}")
+        return (f"rank {self.rank} (reader {reader}): {counter.bad} of {counter.seen} samples read are unusable "
+                f"({dict(counter.delta)}); the last, key {item.get('__key__')} of {item.get('__url__')}: {e.reason}: "
+                f"{e.detail}; {hint}")
 
-    def _lost_message(self, w: int, counter: "Tally", planned: int) -> str:
-        return (f"rank {self.rank} worker {w}: {counter.lost_total} of the {planned} pairs of its share of epoch "
-                f"{self.epoch} cannot be read ({dict(counter.epoch_lost)}), more than --max-bad-samples-frac "
-                f"{self.cfg.max_bad_frac:g}: shards are gone, truncated or shorter than {shards.SIZES_FILE} says "
-                f"(the warnings above name them); restore them, or re-index a folder with python "
-                f"data_prep/make_shards.py index DIR")
+    def _lost_message(self, reader: int, counter: "Tally", planned: int) -> str:
+        return (f"rank {self.rank} (reader {reader}): {counter.lost_total} of the {planned} pairs of its loader "
+                f"process's share of epoch {self.epoch} cannot be read ({dict(counter.epoch_lost)}), more than "
+                f"--max-bad-samples-frac {self.cfg.max_bad_frac:g}: shards are gone, truncated or shorter than "
+                f"{shards.SIZES_FILE} says (the warnings above name them); restore them, or re-index a folder with "
+                f"python data_prep/make_shards.py index DIR")
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        physical = info.id if info is not None else 0
-        W = self.num_workers
-        w = (physical + self.batch_in_epoch) % W
-        skip = batches_done_by_worker(self.batch_in_epoch, W, w)
-        for j, samples, counts in self._batches(w):
-            if j < skip:
-                continue
-            yield self._collate(samples, counts, w, j)
+        k, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.batch_in_epoch < self.n:  # (resumed at the epoch's end: nothing to read again)
+            yield from self._parts(worker_readers(self.my_readers, workers, k))
 
-    def _collate(self, samples, counts: dict, w: int, j: int) -> dict:
-        # Augmentation is seeded per batch so that a resumed run draws the same flips and crops.
-        torch.manual_seed(rng_seed(Stream.LOADER_AUGMENT, self.cfg.seed, self.epoch, self.rank, w, j))
-        images = torch.stack([self.decoder.transform(im) for im, *_ in samples])
-        texts = self.tokenizer([t for _, t, *_ in samples])
+    def _collate(self, chunks: list, readers: range, g: int, counts: dict) -> dict:
+        images = []
+        for reader, samples in zip(readers, chunks):
+            # Augmentation is seeded per (reader, batch): the same flips and crops on any cluster shape and after a
+            # resume.
+            torch.manual_seed(rng_seed(Stream.LOADER_AUGMENT, self.cfg.seed, self.epoch, reader, g))
+            images.extend(self.decoder.transform(im) for im, *_ in samples)
+        samples = [s for chunk in chunks for s in chunk]
         return {
-            "images": images,
-            "texts": texts,
+            "images": torch.stack(images),
+            "texts": self.tokenizer([t for _, t, *_ in samples]),
             "keys": torch.tensor([s[2] for s in samples], dtype=torch.long),
             "pids": torch.tensor([s[3] for s in samples], dtype=torch.long),
             "sources": torch.tensor([s[4] for s in samples], dtype=torch.long),
+            "part": (g, readers.start, readers.stop),
             **counts,
         }
 
 
-def build_train_loader(stream: TrainStream, pin_memory: bool) -> torch.utils.data.DataLoader:
-    W = stream.cfg.workers
-    return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=W, pin_memory=pin_memory,
+class StepBatches:
+    """A rank's step batches: the DataLoader takes one part from each worker in turn (worker 0, 1, ...; every worker
+    yields one part per global batch), so each run of ``parts`` consecutive parts is one batch, in reader order."""
+
+    def __init__(self, loader, parts: int, readers: range, pin: bool = False):
+        self.loader, self.parts, self.readers, self.pin = loader, parts, readers, pin
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            group = []
+            for _ in range(self.parts):
+                part = next(it, None)
+                if part is None:
+                    if group:
+                        raise RuntimeError(f"the loader ended inside a batch ({len(group)} of {self.parts} parts)")
+                    return
+                group.append(part)
+            yield join_parts(group, self.readers, self.pin)
+
+
+def join_parts(group: list[dict], readers: range, pin: bool = False) -> dict:
+    """One batch from its parts; they must be the same global batch and cover the rank's readers in order (the
+    DataLoader's round-robin order is what the plan relies on: a change in torch's order would fail here, loudly)."""
+    g = group[0]["part"][0]
+    spans = [(p["part"][1], p["part"][2]) for p in group]
+    if (any(p["part"][0] != g for p in group) or any(a[1] != b[0] for a, b in zip(spans, spans[1:]))
+            or (spans[0][0], spans[-1][1]) != (readers.start, readers.stop)):
+        raise RuntimeError(f"loader parts out of order: {[p['part'] for p in group]} for readers {readers}")
+    if len(group) == 1:
+        return group[0]
+    out = {k: _cat([p[k] for p in group], pin) for k in ("images", "texts", "keys", "pids", "sources")}
+    bad, data = Counter(), empty_data_counts()
+    for p in group:
+        bad.update(p["bad"])
+        add_data_counts(data, p["data"])
+    return {**out, "part": (g, readers.start, readers.stop), "bad": dict(bad), "data": data}
+
+
+def _cat(tensors: list, pin: bool) -> torch.Tensor:
+    """torch.cat, into page-locked memory when the batch goes to an accelerator (one copy; torch caches the pinned
+    blocks), as the DataLoader's pin_memory would have left it."""
+    if not pin:
+        return torch.cat(tensors)
+    out = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
+                      pin_memory=True)
+    return torch.cat(tensors, out=out)
+
+
+def build_train_loader(stream: TrainStream, pin_memory: bool) -> StepBatches:
+    W = stream.loader_workers
+    parts = max(1, W)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=W, pin_memory=pin_memory and parts == 1,
         persistent_workers=False, prefetch_factor=4 if W > 0 else None,
         worker_init_fn=_init_loader_worker if W > 0 else None)
+    return StepBatches(loader, parts, stream.my_readers, pin=pin_memory and parts > 1)
 
 
 def agreed_batches(loader, device: torch.device):

@@ -8,7 +8,8 @@ is a quarter of the size, and the per-pixel work runs as a few batched kernels o
 The ops and their order are those of ``transforms.build_transform(train=True)``: horizontal flip (p=0.5), zero pad and
 random crop back to (H, W), scale to [0, 1], normalise with the OpenAI mean/std, random erasing (p, area 2-20%,
 aspect 0.3-3.3, value 0 after normalisation). Randomness comes from a generator seeded per step, so a resumed run
-draws the same.
+draws the same; every draw is made for the whole global batch and each rank takes its rows, so the sample at a place of
+the global batch gets the same flip, crop and erasing on any number of ranks (the epoch plan's elastic determinism).
 """
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ class DeviceAugment:
         self.train, self.erase_p = train, erase_p
         self.pad = pad_for(self.w, pad)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 [B, 3, H, W] (on the target device) -> normalised float32 [B, 3, H, W]."""
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, offset: int = 0,
+                 total: int | None = None) -> torch.Tensor:
+        """uint8 [b, 3, H, W] (on the target device) -> normalised float32 [b, 3, H, W]; the batch is rows
+        [offset, offset + b) of a global batch of ``total`` (default b)."""
+        self._rows = (offset, total or images.shape[0])
         if images.dtype != torch.uint8:
             raise TypeError(f"DeviceAugment expects a uint8 batch, got {images.dtype} (loader not in uint8 mode?)")
         x = images.float().div_(255.0)
@@ -47,8 +51,10 @@ class DeviceAugment:
             x = self._erase(x, g)
         return x
 
-    def _rand(self, n: int, g, device) -> torch.Tensor:
-        return torch.rand(n, generator=g, device=device)
+    def _rand(self, n: int, g, device, *rest: int) -> torch.Tensor:
+        """Uniform draws for this batch's n rows: drawn for every row of the global batch, then sliced."""
+        offset, total = self._rows
+        return torch.rand(total, *rest, generator=g, device=device)[offset:offset + n]
 
     def _flip_pad_crop(self, x: torch.Tensor, g) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -71,9 +77,9 @@ class DeviceAugment:
         area = float(h * w)
         apply = self._rand(b, g, dev) < self.erase_p
         t = ERASE_TRIES
-        scale = ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * torch.rand(b, t, generator=g, device=dev)
+        scale = ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * self._rand(b, g, dev, t)
         log_r = math.log(ERASE_RATIO[0]) + (math.log(ERASE_RATIO[1]) - math.log(ERASE_RATIO[0])) * \
-            torch.rand(b, t, generator=g, device=dev)
+            self._rand(b, g, dev, t)
         ratio = log_r.exp()
         eh = (scale * area * ratio).sqrt().round().long()
         ew = (scale * area / ratio).sqrt().round().long()

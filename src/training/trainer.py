@@ -275,6 +275,7 @@ class Trainer:
                          f"{f', DGA in {o.accum_chunks} chunks' if o.accum_chunks > 1 else ''}"
                          f"{', debiased sampling' if cfg.data.loader.debiased else ''}); {self.total_steps} steps "
                          f"in all")
+        self.logger.info(self.stream.describe())
         return device_augment
 
     def _observers(self) -> list:
@@ -358,7 +359,9 @@ class Trainer:
         if status == "finished" and notes:
             status = f"finished: {'; '.join(notes)}"
         progress = {"epoch": self.stream.epoch, "batch_in_epoch": self.stream.batch_in_epoch,
-                    **self.state.state_dict(), "data": epochs, **({"partial_data": partial} if partial else {})}
+                    **self.state.state_dict(), "data": epochs,
+                    "drop_last_pairs_per_epoch": self.stream.dropped_per_epoch,
+                    **({"partial_data": partial} if partial else {})}
         self.folder.write_summary(status, progress, per_rank)
 
     def _log_epoch_data(self, epoch: int) -> None:
@@ -366,9 +369,11 @@ class Trainer:
         counts = data_counts(self.tallies.state_dict()).get(str(epoch))
         if counts is None:  # resumed after the epoch's last batch: nothing of it was counted here
             return
-        lost = not_read([counts])
+        lost, dropped = not_read([counts]), self.stream.dropped_per_epoch
         self.logger.info(f"epoch {epoch} data: {counts['read']} pairs of the plan read"
-                         + (f"; {lost}; {counts['refilled']} pairs read twice to fill the batches" if lost else ""))
+                         + (f"; {lost}; {counts['refilled']} pairs read twice to fill the batches" if lost else "")
+                         + (f"; {dropped} pairs of the sets left out by drop-last (fewer than one global batch of "
+                            f"{self.stream.global_batch})" if dropped else ""))
 
     def _epoch(self) -> bool:
         """The rest of the stream's epoch and what the observers do at its end; False: stop now."""
@@ -438,10 +443,13 @@ class Trainer:
         # Per-step seeding keeps dropout and any other main-process randomness identical after a resume.
         torch.manual_seed(rng_seed(Stream.STEP, seed, step, rank))
         if self.device_augment is not None:
-            # seeded per (step, rank): a resumed run augments its batches identically
+            # seeded per step and drawn for the global batch (each rank its rows): a resumed run and a run on another
+            # number of ranks augment every sample identically
             g = torch.Generator(device=device)
-            g.manual_seed(rng_seed(Stream.DEVICE_AUGMENT, seed, step, rank))
-            batch = dict(batch, images=self.device_augment(batch["images"].to(device, non_blocking=True), g))
+            g.manual_seed(rng_seed(Stream.DEVICE_AUGMENT, seed, step))
+            b = batch["images"].shape[0]
+            batch = dict(batch, images=self.device_augment(batch["images"].to(device, non_blocking=True), g,
+                                                           offset=rank * b, total=b * self.denv.world_size))
         out = train_step(self.train_model, self.objective, self.optimizer, batch, device, o.precision,
                          o.grad_clip_norm, o.accum_chunks, draw_mix(o.mixup_beta, seed, step))
         return out.pop("skipped"), {**out, "lr": lr}
