@@ -53,7 +53,7 @@ def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path):
     assert r.returncode != 0
     assert "unusable" in r.stderr and "bad_image" in r.stderr and "verify" in r.stderr
     last = r.stderr.strip().splitlines()[-1]  # one error line, the worker's traceback left out
-    assert last.startswith("error: rank 0 worker") and "Traceback" not in r.stderr.split("error: ")[-1]
+    assert last.startswith("error: rank 0 (reader") and "Traceback" not in r.stderr.split("error: ")[-1]
     assert time.time() - t0 < 120
 
 

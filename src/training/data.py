@@ -570,7 +570,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         hint = ("check them with: python data_prep/make_shards.py verify OUTPUT"
                 if sset.is_make_shards_split else "list a shard's members with: tar tf SHARD | head")
         return (f"rank {self.rank} (reader {reader}): {counter.bad} of {counter.seen} samples read are unusable "
-                f"({dict(counter.delta)}); the last, key {item.get('__key__')} of {item.get('__url__')}: {e.reason}: "
+                f"({dict(counter.epoch_lost)}); the last, key {item.get('__key__')} of {item.get('__url__')}: {e.reason}: "
                 f"{e.detail}; {hint}")
 
     def _lost_message(self, reader: int, counter: "Tally", planned: int) -> str:
