@@ -383,3 +383,17 @@ def test_sbatch_scripts_pass_a_sigterm_on_to_the_step(tmp_path, script):
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=30)
     assert calls.read_text().splitlines() == ["--signal=TERM 42", "TERM"] and p.returncode == 7
+
+
+def test_a_taken_rendezvous_port_is_one_error_line():
+    """Another job on the node holds the step's port (or MASTER_PORT was exported to two steps at once): rank 0 stops
+    with one line naming the address and the way out, not torch's traceback."""
+    from training.distributed import _step_store
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"^error: rank 0: the rendezvous at 127.0.0.1:{port} failed \(.*\); "
+                                             r"another process .* export MASTER_PORT=") as e:
+            _step_store(Rendezvous("127.0.0.1", port, "fastclip/job1.step0"), 0, 2)
+    assert "\n" not in str(e.value.code)
