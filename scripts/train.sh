@@ -4,8 +4,9 @@
 #   EFFECTIVE_BATCH_SIZE=512 bash scripts/train.sh --train-data shards/synth/train --model ViT-B-16 ...
 #
 # Environment: EFFECTIVE_BATCH_SIZE (required), NPROC (processes per node; default: the number of CUDA_VISIBLE_DEVICES,
-# else the GPUs nvidia-smi lists, else 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500;
-# single-node runs without it pick a free port), MAX_RESTARTS (0: torchrun restarts the job this often, and the
+# else the GPUs nvidia-smi lists, else 1), NNODES (1), NODE_RANK (0; under srun: SLURM_PROCID), MASTER_ADDR
+# (127.0.0.1), MASTER_PORT (single-node runs without it pick a free port; several nodes: 29500, under srun the job
+# step's port of training/distributed.py step_port), MAX_RESTARTS (0: torchrun restarts the job this often, and the
 # trainer resumes from latest.pt when --resume latest is passed), ACCUM_FREQ (1; open_clip's meaning: each process's
 # share of the effective batch is taken as this many micro-batches, the trainer's --batch-size being one micro-batch;
 # DGA keeps the gradient that of one pass over the whole batch, memory of one micro-batch), DRY_RUN=1 prints the
@@ -45,6 +46,14 @@ fi
 nnodes="${NNODES:-1}"; node_rank="${NODE_RANK:-0}"
 is_int "$nproc" && [ "$nproc" -ge 1 ] || die "NPROC='$nproc' must be a whole number >= 1"
 is_int "$nnodes" && [ "$nnodes" -ge 1 ] || die "NNODES='$nnodes' must be a whole number >= 1"
+# Under srun every task runs this script: N tasks are N torchrun agents, one world only when they are its N nodes
+if [ -n "${SLURM_STEP_ID:-}" ] && [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
+  [ "$nnodes" -eq "$SLURM_NTASKS" ] || die "srun started $SLURM_NTASKS tasks of train.sh, each a torchrun with" \
+    "NNODES=$nnodes: they would train $SLURM_NTASKS separate worlds into one run folder. Run one train.sh per node" \
+    "(srun --ntasks-per-node=1, NNODES=<nodes>, MASTER_ADDR=<first node>), or srun python src/training/main.py" \
+    "(one task per GPU)"
+  node_rank="${NODE_RANK:-$SLURM_PROCID}"
+fi
 is_int "$node_rank" && [ "$node_rank" -lt "$nnodes" ] || die "NODE_RANK='$node_rank' must be in 0..$((nnodes - 1))"
 world=$((nproc * nnodes))
 per=$((EFFECTIVE_BATCH_SIZE / world))
@@ -64,6 +73,8 @@ port="${MASTER_PORT:-}"
 if [ -z "$port" ]; then
   if [ "$nnodes" -eq 1 ]; then
     port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  elif [ -n "${SLURM_STEP_ID:-}" ]; then  # concurrent steps of one job must not meet: step_port's formula
+    port=$((20000 + ${SLURM_JOB_ID:-0} % 750 * 16 + SLURM_STEP_ID % 16))
   else
     port=29500
   fi

@@ -11,14 +11,15 @@ look: the run's own folder and, under scripts/train.sh, the launcher's last line
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import traceback
 
 import torch
 
 from training import distributed as dist_utils
-from training import runlock, stop
-from training.params import parse_args
+from training import runlock, slurm, stop
+from training.params import flag_values, parse_args
 from training.run_dir import RunFolder, tell_launcher
 from common import fsio
 from common.seeding import Stream, rng_seed
@@ -32,11 +33,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --device cuda: no CUDA GPU is usable here (torch {torch.__version__}, CUDA build "
                          f"{torch.version.cuda}); use --device cpu or auto")
     fsio.read_timeout_s = cfg.data.timeout
-    denv = dist_utils.init_distributed(cfg.device)
-    torch.manual_seed(rng_seed(Stream.MODEL_INIT, cfg.seed))  # a model built from scratch draws from here
-    stop.install()
+    threads = dist_utils.srun_threads(os.environ)
+    if threads:  # before the first parallel op: what torchrun's OMP_NUM_THREADS would have set
+        torch.set_num_threads(threads)
     folder = trainer = None
     try:
+        denv = dist_utils.init_distributed(cfg.device)
+        dist_utils.require_same(flag_values(cfg))  # before the run folder is touched
+        torch.manual_seed(rng_seed(Stream.MODEL_INIT, cfg.seed))  # a model built from scratch draws from here
+        stop.install()
         folder = RunFolder.claim(cfg.run)
         try:
             with stop.interruptible():  # nothing to finish yet: a stop signal ends the build at once
@@ -46,7 +51,11 @@ def main(argv=None) -> int:
         except stop.Interrupted as e:
             raise SystemExit(f"error: stopped by {e} while the run was being built, before its first step; nothing "
                              f"new was trained (run it again, with --resume latest to continue a checkpoint)")
-        return trainer.run()
+        code = trainer.run()
+        stopped = stop.requested not in (None, "SIGINT") and trainer.stream.epoch < cfg.optim.epochs
+        if stopped and denv.is_main:  # by SIGTERM, latest.pt written: a time limit's warning requeues the job
+            slurm.requeue_after_stop(trainer.logger.info)
+        return code
     except SystemExit as e:
         if isinstance(e.code, str):
             _report_fatal(folder, e.code)

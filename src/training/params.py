@@ -83,6 +83,13 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error(str(e))
 
 
+def flag_values(cfg: TrainConfig) -> dict:
+    """Every flag's parsed value by the flag's name ({'--lr': 1e-05, ...}): what the ranks of one world must agree
+    on. The values folded from them (the step batch, the loss's config) follow from these."""
+    names = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+    return {names[k]: v for k, v in cfg.flags.items() if k in names}
+
+
 def fold_flags(ns: argparse.Namespace) -> None:
     """Write into ``ns`` what the flags of FOLDED_FLAGS mean (params.json keeps these values), or refuse them."""
     if ns.dataset_resampled or ns.train_data_upsampling_factors is not None:
