@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import shards
+from common import remote, shards
 from training.config import LoaderConfig
 from training.plan import (batches_done_by_worker, batches_per_rank, debiased_plan, debiased_worker_share,
                            identity_groups, shard_order, shuffle_buffer, worker_batches, worker_range)
@@ -221,7 +221,7 @@ def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int
         raise DataError(f"--train-data shard {url} no longer exists (it was there at the start): {hi - lo} pairs of "
                         f"the plan cannot be read; restore it and continue with --resume latest")
     problems = []
-    samples = shards.iter_samples(url, lambda u, problem: problems.append(problem))
+    samples = _stop_if_unavailable(shards.iter_samples(url, lambda u, problem: problems.append(problem)))
     i = 0
     for raw in samples:
         if i >= hi:
@@ -242,6 +242,15 @@ def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int
         _warn(f"shard {url} is truncated or unreadable ({problem}): {lost} pairs of the plan in it are not read "
               f"(counted against --max-bad-samples-frac); if the file is whole, its {shards.SIZES_FILE} is stale: "
               f"python data_prep/make_shards.py index {shards.parent(url)}")
+
+
+def _stop_if_unavailable(samples):
+    """A remote shard that still fails after common.remote's retries (or for good: 404) stops the run, all ranks at
+    the same batch (agreed_batches): its pairs are not counted lost, since a store that is down would lose them all."""
+    try:
+        yield from samples
+    except shards.ShardUnavailable as e:
+        raise DataError(f"--train-data {e}; continue with --resume latest once it can be read") from e
 
 
 def _more_than_listed(url: str, count: int, real: int) -> str:
@@ -510,7 +519,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                 if counter.lost_total > max(16, self.cfg.max_bad_frac * n_batches * b):
                     raise DataError(self._lost_message(w, counter, n_batches * b))
             delta, lost = counter.drain()
-            yield j, samples, {"bad": dict(delta), "data": {"read": read, "refilled": b - read, "lost": dict(lost)}}
+            yield j, samples, {"bad": dict(delta), "data": {"read": read, "refilled": b - read, "lost": dict(lost)},
+                               "remote": remote.drain()}
 
     def _unusable_message(self, w: int, bad: int, seen: int, counter: "Tally", item: dict, sset: ShardSet,
                           e: "_BadSample") -> str:
