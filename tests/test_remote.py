@@ -43,7 +43,8 @@ def _url(server, tiny, path) -> str:
 
 def _samples(url):
     problems = []
-    out = [{k: v for k, v in s.items() if k != "__url__"} for s in shards.iter_samples(url, lambda u, p: problems.append(p))]
+    read = shards.iter_samples(url, lambda u, p: problems.append(p))
+    out = [{k: v for k, v in s.items() if k != "__url__"} for s in read]
     assert not problems, problems
     return out
 
