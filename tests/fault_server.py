@@ -27,7 +27,7 @@ class FaultServer(ThreadingHTTPServer):
         self.sent = 0                             # body bytes sent
         self.faults = 0
         self.gets: list[str] = []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     @property
     def url(self) -> str:
