@@ -24,6 +24,7 @@ class FaultServer(ThreadingHTTPServer):
         self.gone: set[str] = set()               # paths whose GET is answered 404 (HEAD still finds them)
         self.script: list[tuple[str | None, float]] = []  # (fault, where) for the next GETs of faulted paths, first
         self.range_starts: list[int] = []         # the byte each Range request asked to start at
+        self.head_errors = 0                      # the next HEADs answered 503
         self.sent = 0                             # body bytes sent
         self.faults = 0
         self.gets: list[str] = []
@@ -72,7 +73,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         path = self._file()
-        if path:
+        with self.server.lock:
+            busy, self.server.head_errors = self.server.head_errors > 0, max(0, self.server.head_errors - 1)
+        if path and busy:
+            self.send_error(503)
+        elif path:
             self.send_response(200)
             self.send_header("Content-Length", str(os.path.getsize(path)))
             self.end_headers()

@@ -41,6 +41,10 @@ def _url(server, tiny, path) -> str:
     return f"{server.url}/{os.path.relpath(path, tiny['root'])}"
 
 
+def _spec(server, tiny):
+    return f"{server.url}/s/train/train-{{000000..000003}}.tar"
+
+
 def _samples(url):
     problems = []
     read = shards.iter_samples(url, lambda u, p: problems.append(p))
@@ -112,6 +116,24 @@ def test_a_store_that_stays_down_fails_after_the_retries_within_bounded_time(tin
             _samples(url)
         assert time.monotonic() - start < 10
         assert len(server.gets) == 9
+    finally:
+        server.stop()
+
+
+def test_resolving_a_spec_retries_a_busy_store_and_names_one_that_stays_busy(tiny, fast_retries):
+    # Before: fsspec's exists GETs every shard whole and calls a 503 "does not exist".
+    server = _serve(tiny)
+    spec = _spec(server, tiny)
+    try:
+        server.head_errors = 3
+        assert shards.resolve(spec) == [_url(server, tiny, p) for p in tiny["shards"]]
+        assert remote.drain()["retries"] == 3 and not [g for g in server.gets if g.endswith(".tar")]
+        server.head_errors = 100
+        with pytest.raises(shards.ShardUnavailable, match=r"still failing after 8 retries \(last error: HTTP 503"):
+            shards.resolve(spec)
+        server.head_errors = 100
+        with pytest.raises(D.DataError, match=r"^--train-data set .*train-000000.tar: still failing"):
+            D.load_shard_set(spec)
     finally:
         server.stop()
 
@@ -329,10 +351,6 @@ def _same_weights(a, b):
     for k, v in a["loss"].items():
         if torch.is_tensor(v):
             torch.testing.assert_close(b["loss"][k], v, atol=0, rtol=0, msg=f"loss {k}")
-
-
-def _spec(server, tiny):
-    return f"{server.url}/s/train/train-{{000000..000003}}.tar"
 
 
 @pytest.mark.slow

@@ -112,9 +112,13 @@ def describe(exc: BaseException) -> str:
 # The reader
 
 
+def _is_http(fs) -> bool:
+    return "http" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
 def _open_at(fs, path: str, pos: int):
     """(file, bytes to skip, total length or None) for reading ``path`` from byte ``pos`` on."""
-    if "http" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+    if not _is_http(fs):
         f = fs.open(path, "rb")
         f.seek(pos)
         return f, 0, getattr(f, "size", None)
@@ -136,13 +140,14 @@ class _HttpBody:
     """One streamed GET on fsspec's http session (what fsspec's HTTPStreamFile does, with the response of a failed
     request released at once instead of left to the garbage collector's "Unclosed connection" warnings)."""
 
-    def __init__(self, fs, url: str, headers: dict):
+    def __init__(self, fs, url: str, headers: dict, method: str = "GET"):
         from fsspec.asyn import sync
         self.fs, self.sync = fs, sync
         session = sync(fs.loop, fs.set_session)
+        kw = {**fs.kwargs, "headers": {**fs.kwargs.get("headers", {}), **headers}}  # the user's headers kept
 
         async def get():
-            r = await session.get(fs.encode_url(url), headers=headers, **fs.kwargs)
+            r = await session.request(method, fs.encode_url(url), **kw)
             if r.status >= 400:
                 r.release()
                 fs._raise_not_found_for_status(r, url)  # FileNotFoundError for 404, aiohttp's error otherwise
@@ -154,6 +159,25 @@ class _HttpBody:
 
     def close(self) -> None:
         self.fs.loop.call_soon_threadsafe(self.r.close)  # aiohttp's objects belong to fsspec's event loop thread
+
+
+def _exists_once(fs, path: str) -> bool:
+    """One existence check: over http(s) a HEAD of our own (fsspec's ``info`` turns a 503 into "not found"); a
+    server that refuses HEAD (405, or 403 for a URL signed for GET only) is asked through fsspec's ``info``."""
+    if _is_http(fs):
+        try:
+            _HttpBody(fs, path, {}, method="HEAD").close()
+            return True
+        except FileNotFoundError:
+            return False
+        except Exception as e:  # noqa: BLE001 -- a transient failure is the caller's to retry
+            if is_transient(e) or _status(e) is None:
+                raise
+    try:
+        fs.info(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 class RetryingReader:
@@ -188,7 +212,7 @@ class RetryingReader:
                 self.failures += 1
                 if self.failures > self.retry.retries:
                     raise ReadFailed(f"{self.url}: still failing after {self.retry.retries} retries at byte "
-                                           f"{self.pos} (last error: {describe(e)})") from e
+                                     f"{self.pos} (last error: {describe(e)})") from e
                 count("retries")
                 time.sleep(min(self.retry.backoff_s * 2 ** (self.failures - 1), RetryPolicy.MAX_WAIT_S))
                 self._close_quietly()  # reopened at self.pos by the next attempt
@@ -227,18 +251,18 @@ class RetryingReader:
 
 
 def exists(fs, path: str, retry: RetryPolicy | None = None) -> bool:
-    """Whether a remote file exists, with the retries of a read. fsspec's http ``exists`` GETs the whole file and
-    calls any failure "missing"; ``info`` asks with a HEAD first."""
+    """Whether a remote file exists, with the retries of a read (ReadFailed when they are spent). fsspec's http
+    ``exists`` GETs the whole file and calls any failure "missing"; ``info`` asks with a HEAD first."""
     retry = retry or policy
     for attempt in range(retry.retries + 1):
         try:
-            fs.info(path)
-            return True
-        except FileNotFoundError:
-            return False
+            return _exists_once(fs, path)
         except Exception as e:  # noqa: BLE001 -- retried when transient, raised as it is otherwise
-            if not is_transient(e) or attempt == retry.retries:
+            if not is_transient(e):
                 raise
+            if attempt == retry.retries:
+                raise ReadFailed(f"{path}: still failing after {retry.retries} retries (last error: "
+                                 f"{describe(e)})") from e
             count("retries")
             time.sleep(min(retry.backoff_s * 2 ** attempt, RetryPolicy.MAX_WAIT_S))
     return False

@@ -138,7 +138,10 @@ def exists(path: str) -> bool:
         return True  # cannot be known without running the command
     if is_url(path):
         fs, p = _fs(path)
-        return remote.exists(fs, p) if is_remote(path) else fs.exists(p)
+        try:
+            return remote.exists(fs, p) if is_remote(path) else fs.exists(p)
+        except remote.ReadFailed as e:
+            raise ShardUnavailable(str(e)) from e
     return os.path.exists(path)
 
 
@@ -196,6 +199,8 @@ def _resolve_url(part: str) -> list[str]:
             return sorted(with_proto(x) for x in fs.glob(posixpath.join(p, "*.tar")))
         if not remote.exists(fs, p):
             raise ShardError(f"shard {part!r} does not exist")
+    except remote.ReadFailed as e:
+        raise ShardUnavailable(str(e)) from e
     except Exception as e:  # noqa: BLE001 -- only a store's transient failure is turned into a message here
         if not remote.is_transient(e):
             raise
