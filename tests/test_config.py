@@ -64,9 +64,11 @@ def _namespace(argv):
 
 # Values that the generic choice below would make invalid in the base run (the field's check is the reason).
 SPECIAL = {"lr_min": 1e-5, "pairs_per_id": 4, "report_to": "tensorboard", "stop_epochs": 3,
-           "pretrained": __file__, "train_data_weights": "1::3", "val_data": "v"}
+           "pretrained": __file__, "train_data_weights": "1::3", "val_data": "v",
+           "shard_cache_size": "2GB"}
 NEEDS = {"ref_model": ["--ref-pretrained", __file__], "distill": ["--ref-model", "X", "--ref-pretrained", __file__],
          "init_from_ref": ["--ref-model", "X", "--ref-pretrained", __file__], "val_frequency": ["--val-data", "v"],
+         "shard_cache_size": ["--shard-cache", "C"],
          "multiply_tau": ["--temperature_scheme", "global_learnable"]}  # it scales the one global temperature's loss
 
 

@@ -20,11 +20,12 @@ import posixpath
 import tarfile
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterator
 
 from braceexpand import braceexpand
 
-from common import fsio
+from common import fsio, remote, shard_cache
 
 # webdataset (1.x) imports torch when it is imported (~1.4 s): it is imported where a tar is read or packed, so that
 # data_prep's worker pool is forked before that, from a small parent.
@@ -45,6 +46,10 @@ _BLOCK = tarfile.BLOCKSIZE
 
 class ShardError(ValueError):
     """A shard spec, shard or index file that cannot be used; the message names it. Callers add their flag."""
+
+
+class ShardUnavailable(ShardError):
+    """A remote file that still fails after the retries of common.remote (or fails for good: 404, 403)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,14 +89,48 @@ def _fs(path: str):
         raise ShardError(f"{path}: {e}") from e
 
 
+def is_remote(path: str) -> bool:
+    """An fsspec URL of a store that is not this machine's disk (not file://, not a local path, not pipe:)."""
+    return is_url(path) and not is_pipe(path) and not fsio.is_local(_fs(path)[0])
+
+
 def open_url(path: str, mode: str = "rb"):
+    """``path`` opened for reading; a remote file through common.remote's retrying, resuming reader."""
     if is_pipe(path):
         from webdataset.gopen import gopen  # a Pipe whose close() raises when the command failed
         return gopen(path, mode)
+    if is_remote(path) and mode == "rb":
+        try:
+            return remote.RetryingReader(path)
+        except remote.ReadFailed as e:
+            raise ShardUnavailable(str(e)) from e
     if is_url(path):
         fs, p = _fs(path)
         return fs.open(p, mode)
     return open(path, mode)
+
+
+def open_shard(url: str):
+    """A tar shard opened for reading: a remote one from the node's shard cache when --shard-cache set one
+    (common.shard_cache, checked against the sha256 its manifest lists), else as :func:`open_url` opens it."""
+    if shard_cache.cache is not None and is_remote(url):
+        return shard_cache.cache.open(url, _listed_sha256)
+    return open_url(url)
+
+
+def _listed_sha256(url: str) -> str | None:
+    return _listed_hashes(parent(url)).get(basename(url))
+
+
+@lru_cache(maxsize=64)
+def _listed_hashes(folder: str) -> dict:
+    """{shard name: sha256} of the split's manifest.json entry (read once per folder and process); {} without one."""
+    try:
+        info = read_split_info(folder) or {}
+    except ShardError:
+        return {}
+    listed = info.get("shards") if isinstance(info.get("shards"), list) else []
+    return {s["name"]: s["sha256"] for s in listed if isinstance(s, dict) and isinstance(s.get("sha256"), str)}
 
 
 def exists(path: str) -> bool:
@@ -99,7 +138,10 @@ def exists(path: str) -> bool:
         return True  # cannot be known without running the command
     if is_url(path):
         fs, p = _fs(path)
-        return fs.exists(p)
+        try:
+            return remote.exists(fs, p) if is_remote(path) else fs.exists(p)
+        except remote.ReadFailed as e:
+            raise ShardUnavailable(str(e)) from e
     return os.path.exists(path)
 
 
@@ -149,12 +191,20 @@ def _resolve_url(part: str) -> list[str]:
     def with_proto(x: str) -> str:
         return x if "://" in x else f"{proto}://{x}"
 
-    if any(c in p for c in "*?["):
-        return sorted(with_proto(x) for x in fs.glob(p))
-    if fs.isdir(p):
-        return sorted(with_proto(x) for x in fs.glob(posixpath.join(p, "*.tar")))
-    if not fs.exists(p):
-        raise ShardError(f"shard {part!r} does not exist")
+    try:
+        if any(c in p for c in "*?["):
+            return sorted(with_proto(x) for x in fs.glob(p))
+        # a .tar is not asked whether it is a folder: over http that would download it (to look for links)
+        if not is_tar_name(p) and fs.isdir(p):
+            return sorted(with_proto(x) for x in fs.glob(posixpath.join(p, "*.tar")))
+        if not remote.exists(fs, p):
+            raise ShardError(f"shard {part!r} does not exist")
+    except remote.ReadFailed as e:
+        raise ShardUnavailable(str(e)) from e
+    except Exception as e:  # noqa: BLE001 -- only a store's transient failure is turned into a message here
+        if not remote.is_transient(e):
+            raise
+        raise ShardUnavailable(f"{part}: cannot be listed ({remote.describe(e)}); try again") from e
     return [part]
 
 
@@ -194,6 +244,8 @@ def read_json(path: str):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from e
+    except remote.ReadFailed as e:
+        raise ShardUnavailable(str(e)) from e
 
 
 def read_sizes(shard_dir: str) -> dict | None:
@@ -404,8 +456,9 @@ def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int
     Python's tarfile stops silently at a truncated archive and webdataset's handlers see only exceptions, so a problem
     is called ``on_problem(url, message)`` once, after the last good sample: an unreadable archive, a member cut short
     (the sample it belonged to is not yielded), a repeated file name, or fewer samples than ``expected`` (the count
-    sizes.json promised). The caller decides: raise, count, or record. ``stream``: an already open file object to read
-    instead of opening ``url`` (which then only names it)."""
+    sizes.json promised). The caller decides: raise, count, or record. A remote shard that cannot be read even after
+    common.remote's retries is no such problem: ShardUnavailable is raised. ``stream``: an already open file object
+    to read instead of opening ``url`` (which then only names it)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
     state = {"reading": None, "problem": None, "bad_key": None}
 
@@ -414,6 +467,8 @@ def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int
         return True
 
     def handler(exn: Exception) -> bool:
+        if isinstance(exn, remote.ReadFailed):
+            raise exn
         if state["problem"] is None:
             state["problem"] = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
             if state["reading"] is not None:
@@ -422,7 +477,7 @@ def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int
 
     n = 0
     try:
-        with (open_url(url) if stream is None else stream) as f:
+        with (open_shard(url) if stream is None else stream) as f:
             members = tar_file_expander([{"url": url, "stream": f}], handler=handler, select_files=note_member,
                                         eof_value=None)
             held = None  # one sample of look-ahead: the sample being read when an error struck is not yielded
@@ -434,6 +489,8 @@ def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int
             if held is not None and not (state["problem"] and held["__key__"] == state["bad_key"]):
                 n += 1
                 yield held
+    except (remote.ReadFailed, ShardUnavailable) as e:
+        raise ShardUnavailable(f"shard {e}") from e
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # opening the file or the archive failed
         if state["problem"] is None:
             state["problem"] = f"{type(e).__name__}: {e}"

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 from common.options import OptionError, at_least, check_options, namespace_values, opt, rule
+from common.shard_cache import parse_size
 from fast_clip.losses import LossConfig
 
 finite = rule(math.isfinite, "must be a finite number")
@@ -150,12 +151,30 @@ class DataConfig:
         "--data-timeout", default=60.0, check=rule(lambda v: math.isfinite(v) and v > 0, "must be a number > 0"),
         help="Seconds an http(s) connect or read of --train-data / --val-data may wait for the server before it "
              "fails (a stop signal does not wait for it).")
+    read_retries: int = opt(
+        "--read-retries", default=5, check=at_least(0), metavar="N",
+        help="A remote shard read that fails transiently (connection reset, cut body, HTTP 5xx/429, a stall past "
+             "--data-timeout) is retried up to N times in a row, resuming at the byte where it broke (docs/DATA.md); "
+             "then the run stops with an error naming the shard.")
+    read_backoff: float = opt(
+        "--read-backoff", default=1.0, check=rule(lambda v: math.isfinite(v) and v >= 0, "must be a number >= 0"),
+        metavar="S", help="Seconds before the first retry of a remote read; doubled for each further one (at most 60).")
+    shard_cache: str | None = opt(
+        "--shard-cache", default=None, metavar="DIR",
+        help="Keep remote shards in DIR, a node-local disk: each is downloaded once and shared by the node's ranks "
+             "and loader workers (docs/DATA.md). Local and file:// shards are read where they are.")
+    shard_cache_size: int | None = opt(
+        "--shard-cache-size", type=str, default=None, metavar="SIZE", convert=parse_size,
+        help="Most bytes --shard-cache keeps (e.g. 200GB, 500MiB), least recently used shards evicted first; "
+             "default: no limit (the cache grows to the remote sets' size).")
     val_frequency: int = opt("--val-frequency", default=0, check=at_least(0), help="Evaluate on --val-data every N epochs (0: never).")
 
     def __post_init__(self):
         check_options(self)
         if self.val_frequency and not self.val_data:
             raise OptionError("--val-frequency", "needs --val-data")
+        if self.shard_cache_size is not None and self.shard_cache is None:
+            raise OptionError("--shard-cache-size", "needs --shard-cache DIR")
         weights, sets = self.loader.weights, self.train_data.split("::")
         if weights is not None and len(weights) != len(sets):
             raise OptionError("--train-data-weights",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import shards
+from common import remote, shards
 from common.runs import CheckpointError
 from training.config import LoaderConfig
 from training.plan import (ShardSequence, debiased_plan, default_readers, identity_groups, rank_readers,
@@ -221,7 +221,7 @@ def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int
         raise DataError(f"--train-data shard {url} no longer exists (it was there at the start): {hi - lo} pairs of "
                         f"the plan cannot be read; restore it and continue with --resume latest")
     problems = []
-    samples = shards.iter_samples(url, lambda u, problem: problems.append(problem))
+    samples = _stop_if_unavailable(shards.iter_samples(url, lambda u, problem: problems.append(problem)))
     i = 0
     for raw in samples:
         if i >= hi:
@@ -242,6 +242,15 @@ def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int
         _warn(f"shard {url} is truncated or unreadable ({problem}): {lost} pairs of the plan in it are not read "
               f"(counted against --max-bad-samples-frac); if the file is whole, its {shards.SIZES_FILE} is stale: "
               f"python data_prep/make_shards.py index {shards.parent(url)}")
+
+
+def _stop_if_unavailable(samples):
+    """A remote shard that still fails after common.remote's retries (or for good: 404) stops the run, all ranks at
+    the same batch (agreed_batches): its pairs are not counted lost, since a store that is down would lose them all."""
+    try:
+        yield from samples
+    except shards.ShardUnavailable as e:
+        raise DataError(f"--train-data {e}; continue with --resume latest once it can be read") from e
 
 
 def _more_than_listed(url: str, count: int, real: int) -> str:
@@ -562,8 +571,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             if g < self.batch_in_epoch:
                 continue
             read = sum(r for _, r in got)
+            # remote reads are drained only here: what skipping to the resume position fetched is counted too
             counts = {"bad": dict(delta), "data": {"read": read, "refilled": len(readers) * self.chunk - read,
-                                                   "lost": dict(lost)}}
+                                                   "lost": dict(lost)}, "remote": remote.drain()}
             yield self._collate([s for s, _ in got], readers, g, counts)
 
     def _unusable_message(self, reader: int, counter: "Tally", item: dict, sset: ShardSet, e: "_BadSample") -> str:
@@ -637,11 +647,12 @@ def join_parts(group: list[dict], readers: range, pin: bool = False) -> dict:
     if len(group) == 1:
         return group[0]
     out = {k: _cat([p[k] for p in group], pin) for k in ("images", "texts", "keys", "pids", "sources")}
-    bad, data = Counter(), empty_data_counts()
+    bad, data, reads = Counter(), empty_data_counts(), Counter()
     for p in group:
         bad.update(p["bad"])
         add_data_counts(data, p["data"])
-    return {**out, "part": (g, readers.start, readers.stop), "bad": dict(bad), "data": data}
+        reads.update(p.get("remote", {}))
+    return {**out, "part": (g, readers.start, readers.stop), "bad": dict(bad), "data": data, "remote": dict(reads)}
 
 
 def _cat(tensors: list, pin: bool) -> torch.Tensor:

@@ -43,7 +43,8 @@ class Tallies:
     def count(self, batch: dict, epoch: int) -> None:
         self.bad_samples.update(batch.get("bad", {}))
         self.source_counts.update(batch["sources"].tolist())
-        add_data_counts(self.epochs.setdefault(epoch, empty_data_counts()), batch["data"])
+        add_data_counts(self.epochs.setdefault(epoch, empty_data_counts()), {**batch["data"],
+                                                                              "remote": batch.get("remote", {})})
 
     def state_dict(self) -> list[dict]:
         """Every rank's counts as plain dicts with string keys."""
@@ -64,7 +65,8 @@ class Tallies:
 def empty_data_counts() -> dict:
     """One epoch's data counts: pairs of the plan read, pairs of the plan lost by reason (an unusable sample; a
     shard gone, truncated or shorter than sizes.json), and refills (pairs of a worker's range met a second time to
-    keep its batches full, as many as were lost once the range has been read)."""
+    keep its batches full, as many as were lost once the range has been read). Runs that read remote shards also
+    have "remote": retries, bytes_fetched, cache_hits, cache_misses (common.remote)."""
     return {"read": 0, "lost": {}, "refilled": 0}
 
 
@@ -73,6 +75,18 @@ def add_data_counts(into: dict, counts: dict) -> None:
     into["refilled"] += counts["refilled"]
     for reason, n in counts["lost"].items():
         into["lost"][reason] = into["lost"].get(reason, 0) + n
+    for key, n in counts.get("remote", {}).items():  # only runs that read remote shards have these
+        into.setdefault("remote", {})[key] = into.get("remote", {}).get(key, 0) + n
+
+
+def remote_reads(counts: dict) -> str:
+    """'; remote reads: ...' for an epoch's log line, '' when nothing remote was read."""
+    r = counts.get("remote")
+    if not r:
+        return ""
+    cache = (f", shard cache {r.get('cache_hits', 0)} hits / {r.get('cache_misses', 0)} misses"
+             if "cache_hits" in r or "cache_misses" in r else "")
+    return f"; remote reads: {r.get('bytes_fetched', 0)} bytes fetched, {r.get('retries', 0)} retries{cache}"
 
 
 def data_counts(per_rank: list[dict]) -> dict[str, dict]:

@@ -22,6 +22,7 @@ import torch
 from fast_clip.losses import build_loss
 from fast_clip.model import create_model, get_tokenizer, input_size
 from fast_clip.open_clip_dir import export_run
+from common import remote, shard_cache
 from common.seeding import Stream, rng_seed
 from common.transforms import build_transform, clean_caption
 from training import stop
@@ -34,7 +35,7 @@ from training.logger import RunLogger
 from training.objective import Objective, TrainModule, draw_mix
 from training.optim import build_optimizer, lr_at, set_lr
 from training.run_dir import RunFolder
-from training.state import ProcessRng, Tallies, TrainState, data_counts, not_read
+from training.state import ProcessRng, Tallies, TrainState, data_counts, not_read, remote_reads
 from training.step import NonFiniteError, train_step, unwrap
 
 
@@ -107,6 +108,7 @@ class Trainer:
 
     def _data_sets(self):
         cfg, log = self.cfg, self.logger.info
+        self._remote_reads()
         try:
             sets = load_train_sets(cfg.data.train_data, logger=log, allow_partial=cfg.data.allow_partial_data)
         except DataError as e:
@@ -216,6 +218,19 @@ class Trainer:
     def _augment_on_device(self) -> bool:
         where = self.cfg.data.augment_device
         return where == "device" or (where == "auto" and self.denv.device.type == "cuda")
+
+    def _remote_reads(self) -> None:
+        """--read-retries / --read-backoff / --shard-cache, for every remote read of this process and of the loader
+        workers it forks (common.remote, common.shard_cache)."""
+        d = self.cfg.data
+        remote.policy = remote.RetryPolicy(d.read_retries, d.read_backoff)
+        try:
+            shard_cache.cache = shard_cache.ShardCache(d.shard_cache, d.shard_cache_size) if d.shard_cache else None
+        except OSError as e:
+            raise SystemExit(f"error: --shard-cache {d.shard_cache}: {e.strerror or e}")
+        if d.shard_cache:
+            limit = "no size limit" if d.shard_cache_size is None else f"at most {d.shard_cache_size} bytes"
+            self.logger.info(f"shard cache {d.shard_cache} ({limit}) for remote shards")
 
     def _stream(self) -> TrainStream:
         d = self.cfg.data
@@ -372,6 +387,7 @@ class Trainer:
         lost, dropped = not_read([counts]), self.stream.dropped_per_epoch
         self.logger.info(f"epoch {epoch} data: {counts['read']} pairs of the plan read"
                          + (f"; {lost}; {counts['refilled']} pairs read twice to fill the batches" if lost else "")
+                         + remote_reads(counts)
                          + (f"; {dropped} pairs of the sets left out by drop-last (fewer than one global batch of "
                             f"{self.stream.global_batch})" if dropped else ""))
 
