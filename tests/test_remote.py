@@ -398,7 +398,8 @@ def test_a_shard_that_stays_404_ends_the_run_with_one_error_line_naming_it(tiny,
     start = time.monotonic()
     try:
         with pytest.raises(SystemExit) as e:
-            main(_train_args(_spec(server, tiny), tmp_path, "gone", "--workers", 0, "--shuffle-buffer", 4))
+            main(_train_args(_spec(server, tiny), tmp_path, "gone", "--workers", 0, "--shuffle-buffer", 4,
+                             "--data-readers", 1))  # one reader: the shards are opened one after the other
     finally:
         server.stop()
     msg = str(e.value)
@@ -420,15 +421,16 @@ def test_three_epochs_with_a_shard_cache_fetch_the_set_about_once(tiny, tmp_path
         whole = server.sent - base
         gets = len(server.gets)
         small = os.path.getsize(tiny["shards"][0])  # a cache that keeps nothing beyond the shard last read
-        assert main(_train_args(spec, tmp_path, "small", "--epochs", 3, "--workers", 0, "--shard-cache",
-                                tmp_path / "s", "--shard-cache-size", small)) == 0
+        assert main(_train_args(spec, tmp_path, "small", "--epochs", 3, "--workers", 0, "--data-readers", 1,
+                                "--shard-cache", tmp_path / "s", "--shard-cache-size", small)) == 0
         fetched = [os.path.join(tiny["root"], g.lstrip("/")) for g in server.gets[gets:] if g.endswith(".tar")]
     finally:
         server.stop()
     assert tiny["bytes"] <= whole <= 1.5 * tiny["bytes"]
     summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
     counts = [summary["data"][str(e)]["remote"] for e in range(3)]
-    assert [c.get("cache_misses", 0) for c in counts] == [4, 0, 0] and [c["cache_hits"] for c in counts[1:]] == [4, 4]
+    # 8 readers of 8 pairs (global batch 8): each 16-pair shard is opened by two readers, the second open a hit
+    assert [c.get("cache_misses", 0) for c in counts] == [4, 0, 0] and [c["cache_hits"] for c in counts] == [4, 8, 8]
     # the small cache: every shard opened is fetched whole unless it is the one read last (an epoch's last shard
     # may open the next epoch): 3 epochs x 4 shards, less at most one hit per epoch boundary
     summary = json.loads((tmp_path / "small" / "summary.json").read_text())
