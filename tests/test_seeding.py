@@ -26,3 +26,12 @@ def test_trailing_zero_parts_and_seed_matter():
     assert rng_seed(Stream.STEP, 0, 5) != rng_seed(Stream.STEP, 1, 5)
     assert rng_seed(Stream.STEP, 0, 5) == rng_seed(Stream.STEP, 0, 5)  # deterministic
     assert 0 <= rng_seed(Stream.MIXUP, 2**40, 7) < 2**63
+
+
+def test_derive_is_splitmix64_and_separates_parts():
+    from common.seeding import derive
+    # SplitMix64's published first output for state 0 (one increment of the golden gamma, then the finaliser),
+    # with the top bit cleared
+    assert derive(0, 0) == 0xE220A8397B1DCDAF & 0x7FFFFFFFFFFFFFFF
+    seeds = {derive(s, p) for s in range(50) for p in range(50)}
+    assert len(seeds) == 2500 and all(0 <= x < 2 ** 63 for x in seeds)

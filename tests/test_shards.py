@@ -215,3 +215,63 @@ def test_imports_only_go_down(pkg):
             if mod.split(".")[0] in OURS and not any(mod == a or mod.startswith(a + ".") for a in ALLOWED[pkg]):
                 bad.append(f"{f.relative_to(ROOT)} imports {mod}")
     assert bad == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Skipping to a sample by the tar headers (a reader whose range starts inside a shard)
+
+
+def _tar(path, members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT):
+    with tarfile.open(path, "w", format=fmt) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _read_from(url, start=0):
+    problems, seen = [], {}
+    got = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in
+           shards.iter_samples(url, lambda u, p: problems.append(p), start=start, seen=seen)]
+    return got, seen.get("samples"), problems
+
+
+@pytest.mark.parametrize("layout", ["plain", "meta-members", "dirs-and-prefix", "long-name", "duplicate", "cut"])
+def test_skipping_to_a_sample_reads_what_reading_through_reads(tmp_path, layout):
+    members = []
+    for k in range(7):
+        members += [(f"{k:06d}.jpg", b"j" * (100 + 37 * k)), (f"{k:06d}.txt", b"caption %d" % k)]
+        if layout == "meta-members" and k == 2:
+            members += [("__meta__", b"x"), (".hidden", b"y"), ("noext", b"z")]
+    if layout == "dirs-and-prefix":  # keys with folders; a name longer than 100 bytes goes to the ustar prefix
+        members = [(("d" * 90) + f"/sub/{n}", data) for n, data in members]
+    if layout == "long-name":        # a member name tarfile can only store in a pax header: the slow path
+        members[6] = ("x" * 120 + "/000003.jpg", b"j")
+    if layout == "duplicate":        # a repeated member: webdataset stops there; so must the skip
+        members.insert(5, members[4])
+    # (tarfile's default PAX format puts a long name in a pax header; the ustar format splits it into the prefix)
+    path = _tar(tmp_path / "s.tar", members, tarfile.USTAR_FORMAT if layout == "dirs-and-prefix" else tarfile.PAX_FORMAT)
+    if layout == "cut":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+    whole, n, problems = _read_from(path)
+    for start in range(0, len(whole) + 3):
+        got, n_start, problems_start = _read_from(path, start)
+        assert got == whole[start:], (layout, start)
+        assert (n_start, problems_start) == (n, problems), (layout, start)
+    with open(path, "rb") as f:
+        fast = shards._seek_sample(f, 3)
+        assert fast == (layout in ("plain", "meta-members", "dirs-and-prefix", "cut")), layout
+        assert f.tell() > 0 if fast else f.tell() == 0
+
+
+def test_the_skip_reads_only_headers(tmp_path):
+    members = [(f"{k:06d}.{ext}", b"\x01" * 5000) for k in range(40) for ext in ("jpg", "txt")]
+    path = _tar(tmp_path / "s.tar", members)
+    with open(path, "rb") as f:
+        read = []
+        real = f.read
+        f.read = lambda n=-1: read.append(n) or real(n)  # noqa: E731
+        assert shards._seek_sample(f, 39)
+    assert set(read) == {512} and len(read) == 78 + 1  # 78 headers passed, the 79th (sample 39's) read to stop there

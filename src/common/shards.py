@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import posixpath
 import tarfile
 import zlib
@@ -448,8 +449,64 @@ def split_member(name: str) -> tuple[str | None, str | None]:
     return base_plus_ext(name)
 
 
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members tar_file_iterator leaves out
+
+
+def _plain_local(f):
+    """The seekable local file under ``f`` (an open file, or the shard cache's locked file), else None."""
+    f = getattr(f, "f", f)
+    return f if isinstance(f, io.BufferedReader) and f.seekable() else None
+
+
+def _header(block: bytes) -> tuple[str, int] | None:
+    """(name, size) of a regular-file ustar/GNU header, None for anything else (a pax or long-name header, a
+    directory, an old header without the ustar magic, the end of the archive): the caller then reads the archive
+    the slow way."""
+    if len(block) < 512 or block[156:157] not in (b"0", b"\0") or block[257:262] != b"ustar":
+        return None
+    try:
+        size = int(block[124:136].strip(b"\0 ") or b"0", 8)
+        name = block[:100].split(b"\0", 1)[0].decode("utf-8")
+        if block[257:263] == b"ustar\0" and block[345]:  # POSIX: a name prefix
+            name = block[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return name, size
+
+
+def _seek_sample(f, n: int) -> bool:
+    """Put the local tar ``f`` at the header of its n-th sample (0-based) by reading only the headers: a reader whose
+    range starts inside a shard skips the samples before it without reading their bytes. Samples are counted as
+    tar_file_iterator + group_by_keys form them (regular files, meta members left out, a run of members with one
+    key). False, and ``f`` back at 0, on anything else (a pax header, a repeated member, an archive that ends first):
+    the caller then reads through, and its problems are reported as before."""
+    from webdataset.tariterators import base_plus_ext
+    count, key, seen, pos = 0, None, set(), 0
+    while True:
+        f.seek(pos)
+        head = _header(f.read(512))
+        if head is None:
+            break
+        name, size = head
+        k, ext = base_plus_ext(name)
+        if k is not None and not (("/" not in name and name.startswith("__") and name.endswith("__"))
+                                  or _META.match(name)):
+            if k != key:
+                count += key is not None
+                if count == n:
+                    f.seek(pos)
+                    return True
+                key, seen = k, set()
+            if ext.lower() in seen:
+                break
+            seen.add(ext.lower())
+        pos += 512 + (size + 511) // 512 * 512
+    f.seek(0)
+    return False
+
+
 def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int | None = None,
-                 stream=None) -> Iterator[dict]:
+                 stream=None, start: int = 0, seen: dict | None = None) -> Iterator[dict]:
     """Samples ``{'__key__', '__url__', ext: bytes}`` of one tar, streamed through webdataset's
     ``tar_file_expander`` and ``group_by_keys``.
 
@@ -458,7 +515,9 @@ def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int
     (the sample it belonged to is not yielded), a repeated file name, or fewer samples than ``expected`` (the count
     sizes.json promised). The caller decides: raise, count, or record. A remote shard that cannot be read even after
     common.remote's retries is no such problem: ShardUnavailable is raised. ``stream``: an already open file object
-    to read instead of opening ``url`` (which then only names it)."""
+    to read instead of opening ``url`` (which then only names it). ``start``: yield the samples from the start-th on
+    (a local shard skips to it by its headers alone); ``seen["samples"]`` is then set to the number of samples the
+    shard held up to where reading stopped, the skipped ones included."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
     state = {"reading": None, "problem": None, "bad_key": None}
 
@@ -478,22 +537,28 @@ def iter_samples(url: str, on_problem: Callable[[str, str], None], expected: int
     n = 0
     try:
         with (open_shard(url) if stream is None else stream) as f:
+            local = _plain_local(f) if start else None
+            n = start if local is not None and _seek_sample(local, start) else 0
             members = tar_file_expander([{"url": url, "stream": f}], handler=handler, select_files=note_member,
                                         eof_value=None)
             held = None  # one sample of look-ahead: the sample being read when an error struck is not yielded
             for sample in group_by_keys(members, handler=handler):
                 if held is not None:
                     n += 1
-                    yield held
+                    if n > start:
+                        yield held
                 held = sample
             if held is not None and not (state["problem"] and held["__key__"] == state["bad_key"]):
                 n += 1
-                yield held
+                if n > start:
+                    yield held
     except (remote.ReadFailed, ShardUnavailable) as e:
         raise ShardUnavailable(f"shard {e}") from e
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # opening the file or the archive failed
         if state["problem"] is None:
             state["problem"] = f"{type(e).__name__}: {e}"
+    if seen is not None:
+        seen["samples"] = n
     problem = state["problem"]
     if problem is None and expected is not None and n < expected:
         problem = f"{n} samples where {SIZES_FILE} lists {expected}"

@@ -44,7 +44,7 @@ from training.config import LoaderConfig
 from training.plan import (ShardSequence, debiased_plan, default_readers, identity_groups, rank_readers,
                            reader_range, shape_problem, shard_order, shuffle_buffer, weighted_slice, worker_readers)
 from training.state import add_data_counts, empty_data_counts
-from common.seeding import Stream, rng_seed
+from common.seeding import Stream, derive, rng_seed
 
 
 class DataError(RuntimeError):
@@ -220,25 +220,27 @@ def read_shard(sset: ShardSet, url: str, count: int, base: int, lo: int, hi: int
     if not shards.is_url(url) and not os.path.exists(url):
         raise DataError(f"--train-data shard {url} no longer exists (it was there at the start): {hi - lo} pairs of "
                         f"the plan cannot be read; restore it and continue with --resume latest")
-    problems = []
-    samples = _stop_if_unavailable(shards.iter_samples(url, lambda u, problem: problems.append(problem)))
-    i = 0
+    problems, seen = [], {}
+    # (a reader whose range starts inside the shard skips to sample lo by the tar headers: iter_samples' start)
+    samples = _stop_if_unavailable(shards.iter_samples(url, lambda u, problem: problems.append(problem), start=lo,
+                                                       seen=seen))
+    i = lo
     for raw in samples:
         if i >= hi:
             if hi == count:
                 raise DataError(_more_than_listed(url, count, i + 1 + sum(1 for _ in samples)))
             return
-        if i >= lo:
-            yield raw, sset, sset.pair_index_offset + base + i
+        yield raw, sset, sset.pair_index_offset + base + i
         i += 1
-    lost = hi - max(i, lo)
-    if lost <= 0:  # what is wrong lies beyond this range: the worker reading it counts it
+    held = seen.get("samples", i)  # what the shard held up to where it ended or broke
+    lost = hi - max(held, lo)
+    if lost <= 0:  # what is wrong lies beyond this range: the reader of that part counts it
         return
     # Python's tarfile stops silently at most truncations: a cut file, and a whole one that sizes.json over-counts,
     # both read as fewer samples than listed
-    reason = "truncated_shard" if i or not problems else "unreadable_shard"
+    reason = "truncated_shard" if held or not problems else "unreadable_shard"
     if counter.add(reason, ("lost", url, reader), lost):  # two readers' ranges may share a shard
-        problem = problems[0] if problems else f"{i} samples where {shards.SIZES_FILE} lists {count}"
+        problem = problems[0] if problems else f"{held} samples where {shards.SIZES_FILE} lists {count}"
         _warn(f"shard {url} is truncated or unreadable ({problem}): {lost} pairs of the plan in it are not read "
               f"(counted against --max-bad-samples-frac); if the file is whole, its {shards.SIZES_FILE} is stale: "
               f"python data_prep/make_shards.py index {shards.parent(url)}")
@@ -366,7 +368,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         if self.n < 1:
             raise TooSmall(f"{self.num_samples} samples per epoch make no full step batch: a step takes "
                            f"{cfg.step_batch_size} per rank x {world} rank(s) = {B}")
-        self._orders: dict = {}
+        self._epoch_cache: dict = {}
         self.set_epoch(0)
 
     def _use_readers(self, readers: int) -> None:
@@ -416,7 +418,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The position: the next iteration starts at global batch ``start_batch`` of ``epoch``."""
         self.epoch, self.batch_in_epoch = epoch, start_batch
-        self._orders = {}
+        self._epoch_cache = {}
         if self.cfg.debiased:
             self.plan = debiased_plan(self.per_source, self.cfg.seed, epoch)
 
@@ -453,10 +455,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     # -- raw streams of one reader -----------------------------------------------------------------------------------
     def _order(self, *parts: int) -> ShardSequence:
         key = parts
-        if key not in self._orders:
+        if key not in self._epoch_cache:
             sets = self.sets if not parts else [self.sets[parts[0]]]
-            self._orders[key] = shard_order(sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle, *parts)
-        return self._orders[key]
+            self._epoch_cache[key] = shard_order(sets, self.cfg.seed, self.epoch, self.cfg.shard_shuffle, *parts)
+        return self._epoch_cache[key]
 
     def _concat_stream(self, reader: int, counter: "Tally"):
         start, length = reader_range(self.n, self.chunk, reader)
@@ -596,12 +598,19 @@ class TrainStream(torch.utils.data.IterableDataset):
         if self.batch_in_epoch < self.n:  # (resumed at the epoch's end: nothing to read again)
             yield from self._parts(worker_readers(self.my_readers, workers, k))
 
+    def _augment_seed(self, reader: int) -> int:
+        key = ("augment", self.epoch, reader)
+        if key not in self._epoch_cache:
+            self._epoch_cache[key] = rng_seed(Stream.LOADER_AUGMENT, self.cfg.seed, self.epoch, reader)
+        return self._epoch_cache[key]
+
     def _collate(self, chunks: list, readers: range, g: int, counts: dict) -> dict:
         images = []
         for reader, samples in zip(readers, chunks):
             # Augmentation is seeded per (reader, batch): the same flips and crops on any cluster shape and after a
-            # resume.
-            torch.manual_seed(rng_seed(Stream.LOADER_AUGMENT, self.cfg.seed, self.epoch, reader, g))
+            # resume. (The CPU generator alone: torch.manual_seed also queues seeds for every accelerator backend,
+            # with a formatted stack trace each, ~1 ms a call on a CPU-only build.)
+            torch.default_generator.manual_seed(derive(self._augment_seed(reader), g))
             images.extend(self.decoder.transform(im) for im, *_ in samples)
         samples = [s for chunk in chunks for s in chunk]
         return {
