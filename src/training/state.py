@@ -64,7 +64,7 @@ class Tallies:
 
 def empty_data_counts() -> dict:
     """One epoch's data counts: pairs of the plan read, pairs of the plan lost by reason (an unusable sample; a
-    shard gone, truncated or shorter than sizes.json), and refills (pairs of a worker's range met a second time to
+    shard gone, truncated or shorter than sizes.json), and refills (pairs of a reader's range met a second time to
     keep its batches full, as many as were lost once the range has been read). Runs that read remote shards also
     have "remote": retries, bytes_fetched, cache_hits, cache_misses (common.remote)."""
     return {"read": 0, "lost": {}, "refilled": 0}
