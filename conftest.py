@@ -25,3 +25,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def dist_worker(tmp_path_factory):
+    """``run(nproc, loss, *flags)``: what tests/dist_train_worker.py saved after its steps under torchrun with
+    ``nproc`` processes; each argument list runs once per session (the 2-ranks-equal-1 test and the DGA test compare
+    against the same reference runs, ~15 s each on the 2-core CI machine)."""
+    import torch
+    from pathlib import Path
+    from test_training import torchrun
+    worker = str(Path(__file__).resolve().parent / "tests" / "dist_train_worker.py")
+    done = {}
+
+    def run(nproc: int, *args) -> dict:
+        key = (nproc, *map(str, args))
+        if key not in done:
+            out = tmp_path_factory.mktemp("dist_worker") / "out.pt"
+            torchrun(nproc, worker, out, *args)
+            done[key] = out
+        return torch.load(done[key])
+    return run

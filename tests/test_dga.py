@@ -13,7 +13,7 @@ import torch.nn as nn
 from fast_clip.losses import LossConfig, build_loss, mixup_targets
 from fast_clip.model import create_model, get_tokenizer
 from shard_fixtures import rank_batches, write_shards
-from test_training import MAIN, ROOT, assert_same_training, run_main, torchrun
+from test_training import assert_same_training, run_main
 from training import data as D
 from training import plan as P
 from training.dga import forward_backward
@@ -127,12 +127,9 @@ def test_dga_with_text_mixup_equals_single_pass():
 
 
 @pytest.mark.slow
-def test_dga_two_processes_equal_one_pass_with_one_allreduce_per_step(tmp_path):
-    worker = str(ROOT / "tests" / "dist_train_worker.py")
-    torchrun(1, worker, tmp_path / "ref.pt", "fastclip-v3", "--float64")
-    torchrun(2, worker, tmp_path / "two.pt", "fastclip-v3", "--float64")
-    torchrun(2, worker, tmp_path / "two_dga.pt", "fastclip-v3", "--float64", "--accum-freq", "2")
-    ref, two, dga = (torch.load(tmp_path / f) for f in ("ref.pt", "two.pt", "two_dga.pt"))
+def test_dga_two_processes_equal_one_pass_with_one_allreduce_per_step(dist_worker):
+    ref, two = dist_worker(1, "fastclip-v3", "--float64"), dist_worker(2, "fastclip-v3", "--float64")
+    dga = dist_worker(2, "fastclip-v3", "--float64", "--accum-freq", "2")
     assert_same_training(ref, dga)
     # inner chunks run under no_sync: as many all-reduce calls per step as without accumulation
     assert dga["reduce_calls"] == two["reduce_calls"] and min(two["reduce_calls"]) >= 1

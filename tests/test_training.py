@@ -67,11 +67,8 @@ def assert_same_training(one: dict, two: dict, parts=("model", "loss")) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["openclip", "fastclip-v3"])
-def test_two_process_step_equals_one_process(tmp_path, loss):
-    worker = str(ROOT / "tests" / "dist_train_worker.py")
-    torchrun(1, worker, tmp_path / "one.pt", loss, "--float64")
-    torchrun(2, worker, tmp_path / "two.pt", loss, "--float64")
-    assert_same_training(torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt"))
+def test_two_process_step_equals_one_process(dist_worker, loss):
+    assert_same_training(dist_worker(1, loss, "--float64"), dist_worker(2, loss, "--float64"))
 
 
 @pytest.mark.slow
