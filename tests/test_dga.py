@@ -3,7 +3,6 @@ and debiased (single-source) batches."""
 import copy
 import json
 import math
-import random
 from collections import Counter
 
 import pytest

@@ -1,9 +1,6 @@
 """Elastic determinism (training/plan.py): the sequence of global batches of an epoch depends on the data, the seed,
 the global batch B, --data-readers and --pairs-per-id, never on the number of ranks, loader workers or --accum-freq;
 a position (epoch, batch) continues on any shape."""
-import random
-from collections import Counter
-
 import numpy as np
 import pytest
 import torch
