@@ -161,6 +161,26 @@ def test_the_position_resumes_on_another_shape_and_another_plan_restarts_the_epo
     assert b.batch_in_epoch == 0
 
 
+def test_a_position_at_an_epoch_end_goes_on_only_on_the_same_data(two_sets):
+    sets = D.load_train_sets(two_sets[0])  # 80 pairs: 5 global batches of 16
+    warnings = []
+    a = _stream(sets, 0, 1, 16)
+    a.set_epoch(0, 5)                      # the end of epoch 0
+    b = _stream(sets, 0, 2, 8, seed=9)     # another shape and seed: still nothing of epoch 0 is left
+    b.warn = warnings.append
+    b.load_state_dict(a.state_dict())
+    assert (b.epoch, b.batch_in_epoch, warnings) == (0, 5, [])
+    both = D.load_train_sets("::".join(two_sets))  # 128 pairs: 8 global batches, so 3 were not trained
+    other = _stream(both, 0, 1, 16)
+    other.warn = warnings.append
+    other.load_state_dict(a.state_dict())
+    assert (other.epoch, other.batch_in_epoch) == (0, 0) and "another data plan" in warnings[0]
+    smaller = _stream(sets, 0, 1, 16, num_samples=48)  # 3 global batches: position 5 is past its end, on other data
+    smaller.warn = warnings.append
+    smaller.load_state_dict(a.state_dict())
+    assert smaller.batch_in_epoch == 0 and len(warnings) == 2
+
+
 def test_refused_shapes_are_one_error_naming_the_flag(two_sets):
     sets = D.load_train_sets(two_sets[0])
     with pytest.raises(D.ShapeError, match=r"ranks that can run it: 1, 2, 4, 8, 16\): choose --data-readers"):

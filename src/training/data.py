@@ -441,16 +441,24 @@ class TrainStream(torch.utils.data.IterableDataset):
                 raise CheckpointError(f"the checkpoint's epoch plan cannot run on {self.world} rank(s): {e}; or start "
                                       f"its epoch {saved['epoch']} again under a new plan with --data-readers "
                                       f"{default_readers(self.global_batch, self.cfg.pairs_per_id, self.world)}")
-        # a position at an epoch's end (start == G of the same global batch) needs no plan: nothing of it is left
-        ended = start >= self.n and self.global_batch in (saved.get("global_batch"),
-                                                          saved.get("world_size", 0) * saved.get("batch_size", 0))
-        if start and not ended and not self.same_plan(saved):
+        if start and not (start >= self.n and self._same_epoch(saved)) and not self.same_plan(saved):
             changed = sorted(k for k, v in self.plan_signature().items() if saved.get(k) != v)
             self.warn(f"the checkpoint was written with another data plan (it differs in {', '.join(changed)}: "
                       f"{ {k: saved.get(k) for k in changed} }); the order of the rest of epoch {saved['epoch']} "
                       f"cannot be reproduced, so it restarts at its first batch")
             start = 0
         self.set_epoch(saved["epoch"], start)
+
+    def _same_epoch(self, saved: dict) -> bool:
+        """Whether a saved position at the end of its epoch is at the end of this run's epoch too: the same sets, mode
+        and global batch give the same number of global batches, so nothing of the epoch is left whatever the order
+        (a checkpoint of the per-rank plan before "plan": 2 included: its global batch was world_size x batch_size).
+        With other data or another batch the position means nothing here: the epoch restarts, with the warning."""
+        c = self.cfg
+        batch = saved.get("global_batch") or saved.get("world_size", 0) * saved.get("batch_size", 0)
+        return (batch == self.global_batch and saved.get("train_data") == "::".join(s.spec for s in self.sets)
+                and saved.get("debiased_sampling", False) == c.debiased and saved.get("train_num_samples") ==
+                c.num_samples and saved.get("train_data_weights") == c.weights)
 
     # -- raw streams of one reader -----------------------------------------------------------------------------------
     def _order(self, *parts: int) -> ShardSequence:
