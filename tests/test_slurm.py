@@ -150,6 +150,16 @@ def test_two_nodes_of_train_sh_on_localhost_train_like_one_node(tmp_path):
     _both_succeed_at_the_parameters_of(nodes, tmp_path / "one", tmp_path / "two")
 
 
+def _sigterm_after_two_steps(p: subprocess.Popen, log: Path) -> None:
+    """SIGTERM to ``p`` once its train_log.jsonl holds two training steps (or after 120 s)."""
+    import signal
+    import time
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"train"') >= 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+
+
 @pytest.mark.slow
 def test_train_sh_prints_a_ranks_error_line_last_and_forwards_sigterm(tmp_path):
     """A failure after start: torchrun's multi-line report would bury the rank's `error:` line; train.sh prints it
@@ -166,16 +176,11 @@ def test_train_sh_prints_a_ranks_error_line_last_and_forwards_sigterm(tmp_path):
     assert not list(tmp_path.glob("fastclip-error-*"))  # the hand-over files are removed
 
     good = write_shards(str(tmp_path / "good"), num_ids=64, shard_size=64)
-    import signal
-    import time
     p = subprocess.Popen(["bash", sh, "--train-data", good["dir"], "--model", "PersonTiny", "--workers", "0",
                           "--epochs", "50", "--logs-dir", str(tmp_path), "--name", "stopped", "--log-every-n-steps",
                           "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "stopped" / "train_log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and log.read_text().count('"train"') >= 2):
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    _sigterm_after_two_steps(p, log)
     _, err = p.communicate(timeout=120)
     summary = __import__("json").loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["status"] == "stopped by SIGTERM", err[-2000:]
@@ -284,8 +289,6 @@ def test_the_time_limit_warning_requeues_the_job(tmp_path):
     """SIGTERM under a requeueable SLURM job near its time limit: latest.pt, then rank 0 runs `scontrol requeue`
     (a fake one records the call), so SLURM runs the job again and --resume latest continues it; before, the job
     exited 0 and SLURM recorded it COMPLETED."""
-    import signal
-    import time
     calls = fake_scontrol(tmp_path / "bin", NEAR_THE_LIMIT)
     shards = write_shards(str(tmp_path / "d"), num_ids=64, shard_size=64)
     env = {**ENV, "SLURM_JOB_ID": "77", "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
@@ -294,10 +297,7 @@ def test_the_time_limit_warning_requeues_the_job(tmp_path):
                           "1", "--batch-size", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
     log = tmp_path / "rq" / "train_log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and log.read_text().count('"train"') >= 2):
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    _sigterm_after_two_steps(p, log)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-2000:]
     assert (tmp_path / "rq" / "checkpoints" / "latest.pt").is_file()
